@@ -1,0 +1,131 @@
+"""Which implementations exist for each op, whether they can serve a call, and which one runs.
+
+Each op registers one implementation per backend together with a ``supports`` function that
+inspects the (already validated) arguments and returns ``None`` when it can serve them, or a
+sentence saying why not. Selection:
+
+* ``backend="auto"`` (the default, overridable with ``LEPTON_KERNELS_BACKEND``) walks the
+  backends in order of speed — compiled CUDA, Triton, torch — and takes the first that serves
+  the call. When it has to skip a faster one it says why, once, through ``logging``.
+* An explicit backend that cannot serve the call raises ``BackendUnavailableError`` with the
+  reason. An unknown name raises ``ValueError`` listing the known ones.
+
+Selection looks only at tensor metadata (device, dtype, shape), never at data, so it is safe
+under ``torch.compile`` and CUDA graph capture.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+logger = logging.getLogger("lepton_kernels")
+
+BACKENDS: Tuple[str, ...] = ("cuda", "triton", "torch")  # fastest first
+ENV_BACKEND = "LEPTON_KERNELS_BACKEND"
+
+SupportsFn = Callable[..., Optional[str]]
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot serve the given inputs."""
+
+
+@dataclass(frozen=True)
+class Implementation:
+    op: str
+    backend: str
+    fn: Callable
+    supports: SupportsFn
+
+
+_REGISTRY: Dict[str, Dict[str, Implementation]] = {}
+
+
+def register(op: str, backend: str, supports: Optional[SupportsFn] = None):
+    """Decorator: make ``fn`` the ``backend`` implementation of ``op``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known backends: {', '.join(BACKENDS)}")
+
+    def wrap(fn: Callable) -> Callable:
+        _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, fn, supports or _always)
+        return fn
+
+    return wrap
+
+
+def _always(*args, **kwargs) -> Optional[str]:
+    return None
+
+
+def implementations(op: str) -> Dict[str, Implementation]:
+    if op not in _REGISTRY:
+        raise ValueError(f"unknown op {op!r}; known ops: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[op]
+
+
+def ops() -> Tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def requested_backend(backend: str) -> str:
+    """Resolve the user's ``backend`` argument: the env var replaces "auto"; names are checked."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get(ENV_BACKEND, "auto").strip() or "auto"
+        source = f" (from {ENV_BACKEND})"
+    else:
+        source = ""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(
+            f"unknown backend {backend!r}{source}; known backends: auto, {', '.join(BACKENDS)}"
+        )
+    return backend
+
+
+def select(op: str, backend: str, *args, **kwargs) -> Implementation:
+    """Pick the implementation of ``op`` that runs for these arguments."""
+    impls = implementations(op)
+    backend = requested_backend(backend)
+    if backend != "auto":
+        impl = impls.get(backend)
+        if impl is None:
+            have = ", ".join(b for b in BACKENDS if b in impls)
+            raise BackendUnavailableError(f"{op} has no {backend} implementation (it has: {have})")
+        reason = impl.supports(*args, **kwargs)
+        if reason is not None:
+            raise BackendUnavailableError(f"{op}: backend {backend!r} cannot serve this call: {reason}")
+        return impl
+
+    skipped = []
+    for name in BACKENDS:
+        impl = impls.get(name)
+        if impl is None:
+            continue
+        reason = impl.supports(*args, **kwargs)
+        if reason is None:
+            if skipped and not is_compiling():
+                _log_fallback_once(op, name, tuple(skipped))
+            return impl
+        skipped.append(f"{name}: {reason}")
+    raise BackendUnavailableError(f"{op}: no backend can serve this call ({'; '.join(skipped)})")
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback_once(op: str, chosen: str, skipped: Tuple[str, ...]) -> None:
+    logger.warning("%s runs on the %s backend (skipped %s)", op, chosen, "; ".join(skipped))
+
+
+def explain(op: str, *args, **kwargs) -> Dict[str, Optional[str]]:
+    """For ``lepton-kernels info``: each backend of ``op`` and why it would not serve a call."""
+    return {name: impl.supports(*args, **kwargs) for name, impl in implementations(op).items()}
+
+
+def is_compiling() -> bool:
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(fn()) if fn is not None else False

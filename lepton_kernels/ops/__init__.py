@@ -1,0 +1,1 @@
+"""Public ops: validate the arguments, pick a backend, call it."""
