@@ -44,6 +44,7 @@ class Implementation:
 
 
 _REGISTRY: Dict[str, Dict[str, Implementation]] = {}
+_EXAMPLES: Dict[str, Callable[[torch.device], Tuple[tuple, dict]]] = {}
 
 
 def register(op: str, backend: str, supports: Optional[SupportsFn] = None):
@@ -56,6 +57,26 @@ def register(op: str, backend: str, supports: Optional[SupportsFn] = None):
         return fn
 
     return wrap
+
+
+def register_example(op: str):
+    """Decorator: ``fn(device) -> (args, kwargs)`` builds a small valid call of ``op``.
+
+    ``lepton-kernels info`` uses it to say which backend each op would pick, and the self-check
+    to run every available backend against the reference.
+    """
+
+    def wrap(fn: Callable[[torch.device], Tuple[tuple, dict]]):
+        _EXAMPLES[op] = fn
+        return fn
+
+    return wrap
+
+
+def example(op: str, device: torch.device) -> Tuple[tuple, dict]:
+    if op not in _EXAMPLES:
+        raise ValueError(f"op {op!r} has no registered example")
+    return _EXAMPLES[op](device)
 
 
 def _always(*args, **kwargs) -> Optional[str]:

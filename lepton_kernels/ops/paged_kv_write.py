@@ -113,3 +113,13 @@ def _check_args(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
     if _validate.debug_checks_enabled() and num_tokens > 0:
         _validate.check_index_range("slot_mapping", slot_mapping, k_cache.shape[0] * k_cache.shape[1],
                                     f"a cache of {k_cache.shape[0]} blocks x {k_cache.shape[1]} slots")
+
+
+@_backends.register_example(OP)
+def _example(device: torch.device):
+    k = torch.randn(6, 2, 64, device=device, dtype=torch.float16)
+    v = torch.randn_like(k)
+    k_cache = torch.zeros(4, 16, 2, 64, device=device, dtype=torch.float16)
+    v_cache = torch.zeros_like(k_cache)
+    slot_mapping = torch.tensor([3, 17, -1, 40, 0, 63], device=device)
+    return (k, v, k_cache, v_cache, slot_mapping), {}
