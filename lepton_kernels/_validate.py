@@ -54,7 +54,8 @@ def check_shape(name: str, x: torch.Tensor, expected: Sequence[Optional[int]], w
     """Compare a shape against an expected one; ``None`` entries match any size."""
     ok = x.dim() == len(expected) and all(e is None or s == e for s, e in zip(x.shape, expected))
     if not ok:
-        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        items = ["*" if e is None else str(e) for e in expected]
+        want = "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
         suffix = f" {what}" if what else ""
         raise ValueError(f"{name} must have shape {want}{suffix}, got {tuple(x.shape)}")
 
