@@ -39,21 +39,34 @@ class BackendUnavailableError(RuntimeError):
 class Implementation:
     op: str
     backend: str
-    fn: Callable
+    fn: Callable  # the torch.library op: what torch.compile and fake-tensor tracing see
     supports: SupportsFn
+    eager: Optional[Callable] = None  # the same function without the dispatcher hop
+
+    def __call__(self, *args):
+        # The dispatcher round trip into a Python kernel costs tens of microseconds per call;
+        # skip it unless something is tracing (dynamo, fake tensors, make_fx), which must see
+        # the registered op.
+        if self.eager is not None and not _tracing():
+            return self.eager(*args)
+        return self.fn(*args)
 
 
 _REGISTRY: Dict[str, Dict[str, Implementation]] = {}
 _EXAMPLES: Dict[str, Callable[[torch.device], Tuple[tuple, dict]]] = {}
 
 
-def register(op: str, backend: str, supports: Optional[SupportsFn] = None):
-    """Decorator: make ``fn`` the ``backend`` implementation of ``op``."""
+def register(op: str, backend: str, supports: Optional[SupportsFn] = None, eager: Optional[Callable] = None):
+    """Decorator: make ``fn`` (a torch.library op) the ``backend`` implementation of ``op``.
+
+    ``supports(*args)`` returns ``None`` when the backend can serve the call, else the reason;
+    ``eager`` is the plain Python function behind ``fn``, called directly when not tracing.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known backends: {', '.join(BACKENDS)}")
 
     def wrap(fn: Callable) -> Callable:
-        _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, fn, supports or _always)
+        _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, fn, supports or _always, eager)
         return fn
 
     return wrap
@@ -145,6 +158,13 @@ def _log_fallback_once(op: str, chosen: str, skipped: Tuple[str, ...]) -> None:
 def explain(op: str, *args, **kwargs) -> Dict[str, Optional[str]]:
     """For ``lepton-kernels info``: each backend of ``op`` and why it would not serve a call."""
     return {name: impl.supports(*args, **kwargs) for name, impl in implementations(op).items()}
+
+
+_dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
+
+
+def _tracing() -> bool:
+    return is_compiling() or _dispatch_stack_len() > 0
 
 
 def is_compiling() -> bool:

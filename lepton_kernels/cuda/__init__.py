@@ -37,7 +37,7 @@ def compiled_archs() -> Tuple[str, ...]:
     info = build_info()
     if not info.get("cuda"):
         return ()
-    return tuple(a for a in info["cuda_archs"].split(";") if a)
+    return tuple(a for a in info["cuda_archs"].replace(";", ",").split(",") if a)
 
 
 def _arch_number(arch: str) -> int:

@@ -21,11 +21,12 @@ def _fake(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
     return None
 
 
-_torch_op = define_op(f"{OP}_torch", _SCHEMA, lazy("lepton_kernels.reference.paged_kv_write", "paged_kv_write"),
-                      _fake, "CompositeExplicitAutograd")
-_triton_op = define_op(f"{OP}_triton", _SCHEMA, lazy("lepton_kernels.triton.paged_kv_write", "paged_kv_write"),
-                       _fake, "CompositeExplicitAutograd")
-_cuda_op = define_op(f"{OP}_cuda", _SCHEMA, lazy("lepton_kernels.cuda.paged_kv_write", "paged_kv_write"), _fake, "CUDA")
+_torch_impl = lazy("lepton_kernels.reference.paged_kv_write", "paged_kv_write")
+_triton_impl = lazy("lepton_kernels.triton.paged_kv_write", "paged_kv_write")
+_cuda_impl = lazy("lepton_kernels.cuda.paged_kv_write", "paged_kv_write")
+_torch_op = define_op(f"{OP}_torch", _SCHEMA, _torch_impl, _fake, "CompositeExplicitAutograd")
+_triton_op = define_op(f"{OP}_triton", _SCHEMA, _triton_impl, _fake, "CompositeExplicitAutograd")
+_cuda_op = define_op(f"{OP}_cuda", _SCHEMA, _cuda_impl, _fake, "CUDA")
 
 
 def _triton_supports(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> Optional[str]:
@@ -40,9 +41,9 @@ def _cuda_supports(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> Op
     return _cuda.unavailable_reason(k.device)
 
 
-_backends.register(OP, "torch")(_torch_op)
-_backends.register(OP, "triton", _triton_supports)(_triton_op)
-_backends.register(OP, "cuda", _cuda_supports)(_cuda_op)
+_backends.register(OP, "torch", eager=_torch_impl)(_torch_op)
+_backends.register(OP, "triton", _triton_supports, eager=_triton_impl)(_triton_op)
+_backends.register(OP, "cuda", _cuda_supports, eager=_cuda_impl)(_cuda_op)
 
 
 def paged_kv_write(
@@ -74,7 +75,7 @@ def paged_kv_write(
     """
     _check_args(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     impl = _backends.select(OP, backend, k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-    impl.fn(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    impl(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def _check_args(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
