@@ -13,6 +13,10 @@ _API = {
     "BACKENDS": "._backends",
     "BackendUnavailableError": "._backends",
     "paged_kv_write": ".ops.paged_kv_write",
+    "quant_matmul": ".ops.quant_matmul",
+    "QuantizedWeight": ".quant.weight",
+    "quantize_weight": ".quant.weight",
+    "QuantLinear": ".quant.linear",
 }
 
 __all__ = sorted(_API)

@@ -1,0 +1,92 @@
+"""``quant_matmul``: ``y = x @ W^T (+ bias)`` with ``W`` a :class:`~lepton_kernels.quant.QuantizedWeight`.
+
+Backends see the weight as its tensors plus metadata (a Python object cannot cross a
+torch.library op), with ``x`` flattened to 2-D. Every implementation, its ``supports``
+function and the registered example take the same positional arguments::
+
+    (x [M, K], packed, scales, zeros, perm, bias, scheme, layout, group_size, n, k)
+
+and return ``[M, N]`` in ``x``'s dtype (M >= 1: the public function answers M = 0 itself).
+A backend that does not know a ``layout`` must say so from ``supports``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _backends, _validate
+from .._library import define_op, lazy
+from ..quant.weight import QuantizedWeight, quantize_weight
+
+OP = "quant_matmul"
+SCHEMA = (
+    "(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, Tensor? perm, Tensor? bias,"
+    " str scheme, str layout, int group_size, int n, int k) -> Tensor"
+)
+
+
+def fake(x, packed, scales, zeros, perm, bias, scheme, layout, group_size, n, k) -> torch.Tensor:
+    return x.new_empty((x.shape[0], n))
+
+
+_torch_impl = lazy("lepton_kernels.reference.quant_matmul", "quant_matmul")
+_torch_op = define_op(f"{OP}_torch", SCHEMA, _torch_impl, fake, "CompositeExplicitAutograd")
+_backends.register(OP, "torch", eager=_torch_impl)(_torch_op)
+
+
+def quant_matmul(
+    x: torch.Tensor,
+    qw: QuantizedWeight,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Multiply activations by a quantized weight: ``x @ W^T + bias``.
+
+    Args:
+        x: ``[..., K]`` float16 or bfloat16 (float32 too on the torch backend), on ``qw``'s
+            device.
+        qw: the quantized ``[N, K]`` weight. For "w8a8" and "fp8" weights, ``x`` is quantized
+            per token on the fly (see ``lepton_kernels.reference.quant_matmul``).
+        bias: ``[N]`` in ``x``'s dtype, or None.
+        backend: "auto" (default; ``LEPTON_KERNELS_BACKEND`` overrides), "cuda", "triton" or
+            "torch".
+
+    Returns:
+        ``[..., N]`` in ``x``'s dtype.
+    """
+    _check_args(x, qw, bias)
+    n, k = qw.n, qw.k
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] == 0:
+        return x.new_empty((*lead, n))
+    args = (x2, qw.packed, qw.scales, qw.zeros, qw.perm, bias, qw.scheme, qw.layout, qw.group_size, n, k)
+    impl = _backends.select(OP, backend, *args)
+    return impl(*args).reshape(*lead, n)
+
+
+def _check_args(x, qw, bias) -> None:
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(f"qw must be a QuantizedWeight (see lepton_kernels.quant.quantize_weight), "
+                        f"got {type(qw).__name__}")
+    if isinstance(x, torch.Tensor) and x.device != qw.device:
+        raise ValueError(f"x must be on the device of qw ({qw.device}), got {x.device}")
+    _validate.check_tensor("x", x, dtypes=_validate.FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise ValueError(f"x must have shape (..., K={qw.k}), got a 0-d tensor")
+    if x.shape[-1] != qw.k:
+        raise ValueError(f"x must have shape (..., K={qw.k}) (K = input channels of qw), got {tuple(x.shape)}")
+    if bias is not None:
+        _validate.check_tensor("bias", bias, ndim=1, device=x.device)
+        _validate.check_same_dtype("bias", bias, "x", x)
+        _validate.check_shape("bias", bias, (qw.n,), "(one value per output channel of qw)")
+
+
+@_backends.register_example(OP)
+def _example(device: torch.device):
+    x = torch.randn(5, 256, device=device, dtype=torch.float16)
+    qw = quantize_weight(torch.randn(96, 256, device=device, dtype=torch.float16), "w4a16", group_size=64)
+    bias = torch.randn(96, device=device, dtype=torch.float16)
+    return (x, qw.packed, qw.scales, qw.zeros, qw.perm, bias, qw.scheme, qw.layout, qw.group_size, qw.n, qw.k), {}
