@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 _API = {
     "BACKENDS": "._backends",
     "BackendUnavailableError": "._backends",
+    "flash_attention": ".ops.flash_attention",
+    "paged_attention": ".ops.paged_attention",
     "paged_kv_write": ".ops.paged_kv_write",
     "quant_matmul": ".ops.quant_matmul",
     "QuantizedWeight": ".quant.weight",

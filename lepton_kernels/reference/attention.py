@@ -82,6 +82,10 @@ def attention_core(
 
     if kv_lens is None:
         kv_lens = torch.full((batch,), num_keys, device=q.device)
+    else:
+        # Padding keys may hold garbage (even NaN), which 0 * NaN would carry into the output.
+        padding = torch.arange(num_keys, device=q.device) >= kv_lens.to(torch.int64)[:, None]
+        v = v.masked_fill(padding[:, :, None, None], 0.0)
     visible = visible_keys(num_queries, num_keys, kv_lens, causal, window_left, window_right)
     scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
 
