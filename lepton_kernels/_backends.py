@@ -15,9 +15,11 @@ under ``torch.compile`` and CUDA graph capture.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -73,7 +75,8 @@ def register(op: str, backend: str, supports: Optional[SupportsFn] = None, eager
 
 
 def register_example(op: str):
-    """Decorator: ``fn(device) -> (args, kwargs)`` builds a small valid call of ``op``.
+    """Decorator: ``fn(device) -> (args, kwargs)`` builds a small valid call of ``op``'s
+    public function (without ``backend``).
 
     ``lepton-kernels info`` uses it to say which backend each op would pick, and the self-check
     to run every available backend against the reference.
@@ -122,8 +125,32 @@ def requested_backend(backend: str) -> str:
     return backend
 
 
+class SelectionCaptured(Exception):
+    """Raised by ``select`` inside ``capture_selection``: the call stops before any kernel."""
+
+    def __init__(self, op: str, args: tuple, kwargs: dict):
+        super().__init__(op)
+        self.op, self.args, self.kwargs = op, args, kwargs
+
+
+_capture = threading.local()
+
+
+@contextlib.contextmanager
+def capture_selection():
+    """Public calls made inside stop at backend selection, raising ``SelectionCaptured`` with
+    the validated, normalized arguments every backend (and its ``supports``) would receive."""
+    _capture.active = True
+    try:
+        yield
+    finally:
+        _capture.active = False
+
+
 def select(op: str, backend: str, *args, **kwargs) -> Implementation:
     """Pick the implementation of ``op`` that runs for these arguments."""
+    if getattr(_capture, "active", False):
+        raise SelectionCaptured(op, args, kwargs)
     impls = implementations(op)
     backend = requested_backend(backend)
     if backend != "auto":

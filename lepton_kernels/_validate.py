@@ -52,7 +52,13 @@ def check_tensor(
 
 def check_shape(name: str, x: torch.Tensor, expected: Sequence[Optional[int]], what: str = "") -> None:
     """Compare a shape against an expected one; ``None`` entries match any size."""
-    ok = x.dim() == len(expected) and all(e is None or s == e for s, e in zip(x.shape, expected))
+    shape = x.shape
+    ok = len(shape) == len(expected)
+    if ok:
+        for size, want in zip(shape, expected):
+            if want is not None and size != want:
+                ok = False
+                break
     if not ok:
         items = ["*" if e is None else str(e) for e in expected]
         want = "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"

@@ -43,13 +43,13 @@ struct Store<T, T> {
 
 // Work item: one VEC-wide chunk of one (token, head) row, for K and for V alike. Consecutive
 // items walk the head dim, then heads, then tokens, so every warp reads and writes contiguous
-// runs. Each thread takes kUnroll items a block-width apart and issues all their loads before
-// any store: 2 * kUnroll independent 16-byte loads in flight per thread, and a grid of a
-// quarter the size, which keeps mid-sized batches (T ~ 4k) to a single wave.
+// runs. Each thread takes kUnroll items a block-width apart and issues all their loads (data
+// and fp8 scales) before any store: the stores may alias anything (fp8 is a char type), so a
+// load placed after one could not be hoisted above it.
 constexpr int kThreads = 256;
-constexpr int kUnroll = 4;
+constexpr int kDefaultUnroll = 1;
 
-template <typename Src, typename Dst, int VEC>
+template <typename Src, typename Dst, int VEC, int kUnroll>
 __global__ void __launch_bounds__(kThreads)
 paged_kv_write_kernel(PagedKVWriteParams p, int64_t chunks_per_row, int64_t chunks_per_token,
                       int64_t total_chunks) {
@@ -57,7 +57,7 @@ paged_kv_write_kernel(PagedKVWriteParams p, int64_t chunks_per_row, int64_t chun
   Pack<Src, VEC> kin[kUnroll], vin[kUnroll];
   Dst* kdst[kUnroll];
   Dst* vdst[kUnroll];
-  int head_of[kUnroll];
+  float k_inv[kUnroll], v_inv[kUnroll];
 
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
@@ -80,7 +80,11 @@ paged_kv_write_kernel(PagedKVWriteParams p, int64_t chunks_per_row, int64_t chun
               head * p.kc_stride_head + d;
     vdst[u] = static_cast<Dst*>(p.v_cache) + block * p.vc_stride_block + offset * p.vc_stride_offset +
               head * p.vc_stride_head + d;
-    head_of[u] = static_cast<int>(head);
+    k_inv[u] = v_inv[u] = 1.f;
+    if (p.k_scale != nullptr) {
+      k_inv[u] = 1.f / __ldg(p.k_scale + head * p.scale_head_stride);
+      v_inv[u] = 1.f / __ldg(p.v_scale + head * p.scale_head_stride);
+    }
     // Streaming loads: new K/V are read once and should not evict lines others still need.
     if constexpr (sizeof(Pack<Src, VEC>) == 16) {
       *reinterpret_cast<int4*>(&kin[u]) = __ldcs(reinterpret_cast<const int4*>(k));
@@ -94,13 +98,8 @@ paged_kv_write_kernel(PagedKVWriteParams p, int64_t chunks_per_row, int64_t chun
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     if (kdst[u] == nullptr) continue;
-    float k_inv = 1.f, v_inv = 1.f;
-    if (p.k_scale != nullptr) {
-      k_inv = 1.f / p.k_scale[head_of[u] * p.scale_head_stride];
-      v_inv = 1.f / p.v_scale[head_of[u] * p.scale_head_stride];
-    }
-    Store<Src, Dst>::template run<VEC>(kin[u], kdst[u], k_inv);
-    Store<Src, Dst>::template run<VEC>(vin[u], vdst[u], v_inv);
+    Store<Src, Dst>::template run<VEC>(kin[u], kdst[u], k_inv[u]);
+    Store<Src, Dst>::template run<VEC>(vin[u], vdst[u], v_inv[u]);
   }
 }
 
@@ -125,7 +124,7 @@ int pick_vec(const PagedKVWriteParams& p) {
   return 1;
 }
 
-template <typename Src, typename Dst, int VEC>
+template <typename Src, typename Dst, int VEC, int kUnroll>
 Status launch(const PagedKVWriteParams& p, cudaStream_t stream) {
   const int64_t chunks_per_row = p.head_dim / VEC;
   const int64_t chunks_per_token = chunks_per_row * p.num_heads;
@@ -133,19 +132,37 @@ Status launch(const PagedKVWriteParams& p, cudaStream_t stream) {
   const int64_t per_block = static_cast<int64_t>(kThreads) * kUnroll;
   const int64_t blocks = (total + per_block - 1) / per_block;
   if (blocks > 0x7fffffff) return Status::Error("paged_kv_write: too many tokens for one launch");
-  paged_kv_write_kernel<Src, Dst, VEC><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+  paged_kv_write_kernel<Src, Dst, VEC, kUnroll><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       p, chunks_per_row, chunks_per_token, total);
   LEPTON_RETURN_IF_CUDA_ERROR(cudaGetLastError());
   return Status::Ok();
 }
 
+// Items per thread for the 16-byte path: 0 in the params means "choose".
+int pick_unroll(const PagedKVWriteParams& p) {
+  if (p.unroll == 1 || p.unroll == 2 || p.unroll == 4) return p.unroll;
+  return kDefaultUnroll;
+}
+
+template <typename Src, typename Dst, int VEC>
+Status launch_unrolled(const PagedKVWriteParams& p, cudaStream_t stream) {
+  switch (pick_unroll(p)) {
+    case 4: return launch<Src, Dst, VEC, 4>(p, stream);
+    case 2: return launch<Src, Dst, VEC, 2>(p, stream);
+    default: return launch<Src, Dst, VEC, 1>(p, stream);
+  }
+}
+
 template <typename Src, typename Dst>
 Status dispatch_vec(const PagedKVWriteParams& p, cudaStream_t stream) {
-  switch (pick_vec<Src, Dst>(p)) {
-    case 8: return launch<Src, Dst, 8>(p, stream);
-    case 4: return launch<Src, Dst, 4>(p, stream);
-    case 2: return launch<Src, Dst, 2>(p, stream);
-    default: return launch<Src, Dst, 1>(p, stream);
+  constexpr int kWidest = 16 / sizeof(Src);
+  const int vec = pick_vec<Src, Dst>(p);
+  if (vec == kWidest) return launch_unrolled<Src, Dst, kWidest>(p, stream);
+  // Misaligned views: narrower accesses, one item per thread.
+  switch (vec) {
+    case 4: return launch<Src, Dst, (kWidest > 4 ? 4 : 1), 1>(p, stream);
+    case 2: return launch<Src, Dst, 2, 1>(p, stream);
+    default: return launch<Src, Dst, 1, 1>(p, stream);
   }
 }
 

@@ -68,5 +68,11 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return _device_reason(index)
 
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def current_stream(device: torch.device) -> int:
+    """The current CUDA stream of ``device`` as an integer handle (cheap: no Stream object)."""
+    if _raw_stream is not None:
+        return _raw_stream(device.index if device.index is not None else torch.cuda.current_device())
     return torch.cuda.current_stream(device).cuda_stream

@@ -89,4 +89,4 @@ def _example(device: torch.device):
     x = torch.randn(5, 256, device=device, dtype=torch.float16)
     qw = quantize_weight(torch.randn(96, 256, device=device, dtype=torch.float16), "w4a16", group_size=64)
     bias = torch.randn(96, device=device, dtype=torch.float16)
-    return (x, qw.packed, qw.scales, qw.zeros, qw.perm, bias, qw.scheme, qw.layout, qw.group_size, qw.n, qw.k), {}
+    return (x, qw, bias), {}

@@ -1,0 +1,190 @@
+"""The ``lepton-kernels`` command line: info, selfcheck, bench."""
+from __future__ import annotations
+
+import json
+import os
+
+import sys
+import types
+
+import pytest
+import torch
+
+from lepton_kernels import _backends, cli
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def test_info_mentions_paged_kv_write(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "lepton-kernels" in out
+    assert "paged_kv_write" in out
+    assert ("no CUDA GPU" in out) != HAS_CUDA
+
+
+def test_info_json(capsys):
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert set(info["versions"]) >= {"python", "lepton_kernels", "torch", "triton", "jax"}
+    op = info["ops"]["paged_kv_write"]
+    assert op["error"] is None
+    assert op["backends"] == ["cuda", "triton", "torch"]
+    assert op["auto"] in op["backends"]
+    # every backend faster than the one picked says why it was skipped
+    faster = op["backends"][: op["backends"].index(op["auto"])]
+    assert set(op["skipped"]) == set(faster)
+    assert all(isinstance(op["skipped"][b], str) and op["skipped"][b] for b in faster)
+    if not HAS_CUDA:
+        assert info["gpus"] == []
+        assert "cuda" in op["skipped"]
+
+
+def test_selfcheck_paged_kv_write_passes(capsys):
+    assert cli.main(["selfcheck", "--op", "paged_kv_write"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS  paged_kv_write[torch]" in out
+    assert "FAIL" not in out.replace("0 failed", "")
+    if not HAS_CUDA:
+        assert "SKIP  paged_kv_write[cuda]" in out
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            # the interpreter runs the Triton kernel on CPU tensors: it is really compared
+            assert "PASS  paged_kv_write[triton]" in out
+
+
+def test_selfcheck_json(capsys):
+    assert cli.main(["selfcheck", "--op", "paged_kv_write", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["counts"]["FAIL"] == 0
+    assert {r["backend"] for r in report["results"]} == {"cuda", "triton", "torch"}
+
+
+def test_selfcheck_unknown_op_fails(capsys):
+    assert cli.main(["selfcheck", "--op", "no_such_op"]) == 1
+    assert "no such op" in capsys.readouterr().out
+
+
+@pytest.fixture
+def probe_op(monkeypatch):
+    """A throwaway op (public function in a stand-in ``lepton_kernels.ops`` module): ``out``
+    is written in place and ``2 * x`` returned. The triton backend is wrong by the amount
+    chosen per test."""
+    op = "_selfcheck_probe"
+    state = {"triton_error": 0.0, "triton_writes": True}
+
+    def reference(x, out):
+        out.copy_(x * 2)
+        return x * 2
+
+    def triton_impl(x, out):
+        if state["triton_writes"]:
+            out.copy_(x * 2)
+        return x * 2 + state["triton_error"]
+
+    impls = {
+        "cuda": _backends.Implementation(op, "cuda", reference, lambda x, out: "no compiled kernel here"),
+        "triton": _backends.Implementation(op, "triton", triton_impl, lambda x, out: None),
+        "torch": _backends.Implementation(op, "torch", reference, lambda x, out: None),
+    }
+    monkeypatch.setitem(_backends._REGISTRY, op, impls)
+
+    def public(x, out, *, backend="auto"):
+        return _backends.select(op, backend, x, out).fn(x, out)
+
+    module = types.ModuleType(f"lepton_kernels.ops.{op}")
+    setattr(module, op, public)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(_backends._EXAMPLES, op, lambda device: (
+        (torch.randn(7, 5, device=device, dtype=torch.float16),
+         torch.full((7, 5), float("nan"), device=device, dtype=torch.float16)), {}))
+    return op, state
+
+
+def _statuses(results):
+    return {r["backend"]: r["status"] for r in results}
+
+
+def test_check_op_passes_matching_backends(probe_op):
+    op, _ = probe_op
+    results = cli.check_op(op, torch.device("cpu"))
+    assert _statuses(results) == {"cuda": "SKIP", "triton": "PASS", "torch": "PASS"}
+    assert "no compiled kernel here" in [r for r in results if r["backend"] == "cuda"][0]["detail"]
+
+
+def test_check_op_catches_a_wrong_return_value(probe_op, capsys):
+    op, state = probe_op
+    state["triton_error"] = 0.5
+    results = cli.check_op(op, torch.device("cpu"))
+    assert _statuses(results)["triton"] == "FAIL"
+    assert cli.main(["selfcheck", "--op", op, "--device", "cpu"]) == 1
+    assert f"FAIL  {op}[triton]" in capsys.readouterr().out
+
+
+def test_check_op_catches_an_unwritten_in_place_output(probe_op):
+    op, state = probe_op
+    state["triton_writes"] = False  # leaves the NaN-poisoned buffer as it was
+    results = cli.check_op(op, torch.device("cpu"))
+    triton = [r for r in results if r["backend"] == "triton"][0]
+    assert triton["status"] == "FAIL"
+    assert "NaN" in triton["detail"]
+
+
+def test_compare_tolerances_and_mismatches():
+    x = torch.randn(64, dtype=torch.float16)
+    assert cli.compare("x", x, x.clone())[0] is None
+    assert cli.compare("x", (x.float() + 1e-3).half(), x)[0] is None  # within fp16 tolerance
+    assert "elements differ" in cli.compare("x", x + 1, x)[0]
+    assert "shape" in cli.compare("x", x[:10], x)[0]
+    assert "dtype" in cli.compare("x", x.float(), x)[0]
+    poisoned = x.clone()
+    poisoned[3] = float("nan")
+    assert "NaN" in cli.compare("x", poisoned, x)[0]
+    idx = torch.arange(9)
+    assert cli.compare("i", idx, idx.clone())[0] is None
+    assert "1 of 9" in cli.compare("i", idx + (idx == 4), idx)[0]
+
+
+def test_clone_keeps_strides_and_copies():
+    base = torch.randn(4, 6, 3)
+    view = base[:, ::2]  # a strided view, as an example may pass on purpose
+    copied = cli._clone(((view,), {"v": view}))
+    got = copied[0][0]
+    assert got.stride() == view.stride()
+    assert torch.equal(got, view)
+    assert got.data_ptr() != view.data_ptr()
+    assert copied[1]["v"].data_ptr() != view.data_ptr()
+
+
+def test_bench_list(capsys):
+    assert cli.main(["bench", "--list"]) == 0
+    assert "paged_kv_write" in capsys.readouterr().out.split()
+
+
+def test_bench_unknown_op_exits_2(capsys):
+    assert cli.main(["bench", "no_such_op"]) == 2
+    assert "no benchmark for 'no_such_op'" in capsys.readouterr().err
+
+
+def test_no_command_exits_2(capsys):
+    assert cli.main([]) == 2
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the message given without a GPU")
+def test_bench_without_gpu_exits_2(tmp_path, capsys):
+    assert cli.main(["bench", "paged_kv_write", "--quick", "--out", str(tmp_path)]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.gpu
+def test_bench_paged_kv_write_quick(tmp_path, capsys):
+    assert cli.main(["bench", "paged_kv_write", "--quick", "--out", str(tmp_path), "--no-plot"]) == 0
+    md = list(tmp_path.glob("paged_kv_write-*-quick.md"))
+    js = list(tmp_path.glob("paged_kv_write-*-quick.json"))
+    assert len(md) == 1 and len(js) == 1
+    data = json.loads(js[0].read_text())
+    assert data["ceilings"]["copy_gbps"] > 0 and data["ceilings"]["matmul_tflops"] > 0
+    backends = {r["backend"] for r in data["rows"]}
+    assert "anchor: torch copy_" in backends and "torch" in backends
+    assert all(r["median_us"] > 0 for r in data["rows"])
+    assert all(r["vs_anchor"] is not None for r in data["rows"])
