@@ -1,6 +1,8 @@
 """quant_matmul (torch backend) and QuantLinear: accuracy, shapes, errors, torch.compile."""
 import pytest
 import torch
+
+import lepton_kernels as lk
 from torch import nn
 
 from lepton_kernels import _backends
@@ -143,10 +145,9 @@ def test_bad_inputs():
 
 def test_registered_example_runs():
     args, kwargs = _backends.example("quant_matmul", torch.device("cpu"))
-    impl = _backends.select("quant_matmul", "torch", *args, **kwargs)
-    out = impl.fn(*args, **kwargs)
-    x, n = args[0], args[-2]
-    assert out.shape == (x.shape[0], n) and out.dtype == x.dtype and not out.isnan().any()
+    out = lk.quant_matmul(*args, **kwargs, backend="torch")
+    x, qw = args[0], args[1]
+    assert out.shape == (x.shape[0], qw.n) and out.dtype == x.dtype and not out.isnan().any()
 
 
 def test_op_schema_and_fake():
