@@ -32,7 +32,7 @@ void paged_kv_write(uintptr_t k, uintptr_t v, uintptr_t k_cache, uintptr_t v_cac
                     int64_t head_dim, int64_t block_size, std::vector<int64_t> k_strides,
                     std::vector<int64_t> v_strides, std::vector<int64_t> k_cache_strides,
                     std::vector<int64_t> v_cache_strides, int src_dtype, int cache_dtype,
-                    uintptr_t stream, int unroll) {
+                    uintptr_t stream) {
   if (k_strides.size() != 2 || v_strides.size() != 2 || k_cache_strides.size() != 3 ||
       v_cache_strides.size() != 3)
     throw std::invalid_argument("paged_kv_write: expected 2 strides for k/v and 3 for the caches");
@@ -61,7 +61,6 @@ void paged_kv_write(uintptr_t k, uintptr_t v, uintptr_t k_cache, uintptr_t v_cac
   p.vc_stride_head = v_cache_strides[2];
   p.src_dtype = static_cast<lepton::DType>(src_dtype);
   p.cache_dtype = static_cast<lepton::DType>(cache_dtype);
-  p.unroll = unroll;
   throw_if_error(lepton::paged_kv_write(p, reinterpret_cast<cudaStream_t>(stream)));
 }
 
@@ -106,6 +105,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scale_head_stride"), py::arg("num_tokens"), py::arg("num_heads"),
         py::arg("head_dim"), py::arg("block_size"), py::arg("k_strides"), py::arg("v_strides"),
         py::arg("k_cache_strides"), py::arg("v_cache_strides"), py::arg("src_dtype"),
-        py::arg("cache_dtype"), py::arg("stream"), py::arg("unroll") = 0);
+        py::arg("cache_dtype"), py::arg("stream"));
 #endif
 }

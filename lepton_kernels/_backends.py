@@ -187,6 +187,19 @@ def explain(op: str, *args, **kwargs) -> Dict[str, Optional[str]]:
     return {name: impl.supports(*args, **kwargs) for name, impl in implementations(op).items()}
 
 
+def trace_as_constant(fn: Callable) -> Callable:
+    """Let torch.compile run ``fn`` at trace time and bake its result into the graph.
+
+    For availability checks that read device properties or the compiled extension's build
+    info (pybind calls dynamo cannot trace): with ``fullgraph=True`` they would otherwise
+    break the graph. Their arguments must be constants (devices, dtypes, flags), not tensors.
+    """
+    import torch._dynamo
+
+    marker = getattr(torch._dynamo, "assume_constant_result", None)
+    return marker(fn) if marker is not None else fn
+
+
 _dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
 
 

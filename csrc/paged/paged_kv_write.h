@@ -35,8 +35,6 @@ struct PagedKVWriteParams {
 
   DType src_dtype = DType::kBFloat16;
   DType cache_dtype = DType::kBFloat16;
-
-  int unroll = 0;  // work items per thread (1, 2 or 4); 0 picks the default
 };
 
 Status paged_kv_write(const PagedKVWriteParams& p, cudaStream_t stream);

@@ -11,6 +11,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._backends import trace_as_constant
+
 try:
     from .. import _C  # type: ignore[attr-defined]
 
@@ -58,6 +60,7 @@ def _device_reason(index: int) -> Optional[str]:
     return f"the extension was compiled for sm_{'/'.join(compiled_archs())}, not for this GPU's sm_{cc}"
 
 
+@trace_as_constant
 def unavailable_reason(device: torch.device) -> Optional[str]:
     """``None`` when compiled kernels can run on ``device``; otherwise a sentence saying why."""
     if device.type != "cuda":

@@ -30,11 +30,7 @@ _cuda_op = define_op(f"{OP}_cuda", _SCHEMA, _cuda_impl, _fake, "CUDA")
 
 
 def _triton_supports(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> Optional[str]:
-    reason = _triton.unavailable_reason(k.device, allow_interpreter=True)
-    if reason is None and k_cache.dtype == torch.float8_e4m3fn and k.is_cuda:
-        if torch.cuda.get_device_capability(k.device) < (8, 9):
-            reason = "Triton converts to fp8 e4m3 only on compute capability 8.9 or newer"
-    return reason
+    return _triton.unavailable_reason(k.device, True, k_cache.dtype == torch.float8_e4m3fn)
 
 
 def _cuda_supports(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> Optional[str]:

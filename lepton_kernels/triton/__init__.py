@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from .._backends import trace_as_constant
+
 try:
     import triton  # noqa: F401
 
@@ -21,12 +23,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def unavailable_reason(device: torch.device, *, allow_interpreter: bool = True) -> Optional[str]:
+@trace_as_constant
+def unavailable_reason(device: torch.device, allow_interpreter: bool = True, needs_fp8: bool = False) -> Optional[str]:
+    """``None`` when Triton kernels can run on ``device``; otherwise a sentence saying why.
+
+    ``needs_fp8``: the kernel converts to float8 e4m3, which Triton lowers only on sm_89+.
+    """
     if triton is None:
         return _IMPORT_ERROR
     if device.type == "cuda":
-        if torch.version.hip is None and torch.cuda.get_device_capability(device)[0] < 8:
+        if torch.version.hip is not None:
+            return None
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 0):
             return "the Triton kernels need compute capability 8.0 or newer"
+        if needs_fp8 and capability < (8, 9):
+            return "Triton converts to float8 e4m3 only on compute capability 8.9 or newer"
         return None
     if device.type == "cpu" and interpreting():
         return None if allow_interpreter else "TRITON_INTERPRET=1 is for tests, auto skips it"
