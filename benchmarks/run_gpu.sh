@@ -16,7 +16,9 @@ CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16} LEPTON_CUDA_ARCHS="
   $py -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
 
 echo "== GPU tests"
-$py -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -15
+# Most of their time is Triton compiling kernel variants: spread it over processes if we can.
+parallel=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
+$py -m pytest -m gpu -q -p no:cacheprovider $parallel 2>&1 | tee "$out/gpu-tests.log" | tail -15
 tests=${PIPESTATUS[0]}
 
 echo "== selfcheck"

@@ -20,6 +20,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import _backends, _validate
+from .. import triton as _triton
 from .._library import define_op, lazy
 
 OP = "flash_attention"
@@ -47,6 +48,19 @@ _torch_op = define_op(f"{OP}_torch", _SCHEMA, _torch_impl, _fake, "CompositeExpl
 
 # The reference serves every dtype, head dim, mask and layout that passes validation.
 _backends.register(OP, "torch", eager=_torch_impl)(_torch_op)
+
+_triton_impl = lazy("lepton_kernels.triton.flash_attention", "flash_attention")
+_triton_kernel_supports = lazy("lepton_kernels.triton.flash_attention", "supports")
+
+
+def _triton_supports(q, *args) -> Optional[str]:
+    # Checked first so a missing triton is a reason, not an ImportError from the kernel module.
+    reason = _triton.unavailable_reason(q.device)
+    return reason if reason is not None else _triton_kernel_supports(q, *args)
+
+
+_triton_op = define_op(f"{OP}_triton", _SCHEMA, _triton_impl, _fake, "CompositeExplicitAutograd")
+_backends.register(OP, "triton", _triton_supports, eager=_triton_impl)(_triton_op)
 
 
 def flash_attention(
