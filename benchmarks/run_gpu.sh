@@ -8,6 +8,7 @@ out=${1:-benchmarks/results}
 shift || true
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX must not take 75% of the GPU in each process
 py=${PYTHON:-python3}
 
 cap=$($py -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}' + ('a' if m == 9 else ''))")

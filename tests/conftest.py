@@ -6,6 +6,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# JAX would otherwise take 75% of the GPU's memory in every test process it is imported in.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 HAS_CUDA = torch.cuda.is_available()
 
