@@ -50,13 +50,18 @@ _torch_op = define_op(f"{OP}_torch", _SCHEMA, _torch_impl, _fake, "CompositeExpl
 _backends.register(OP, "torch", eager=_torch_impl)(_torch_op)
 
 _triton_impl = lazy("lepton_kernels.triton.flash_attention", "flash_attention")
-_triton_kernel_supports = lazy("lepton_kernels.triton.flash_attention", "supports")
 
 
 def _triton_supports(q, *args) -> Optional[str]:
     # Checked first so a missing triton is a reason, not an ImportError from the kernel module.
     reason = _triton.unavailable_reason(q.device)
-    return reason if reason is not None else _triton_kernel_supports(q, *args)
+    if reason is not None:
+        return reason
+    # An import statement, not lazy(): torch.compile traces selection, and dynamo runs import
+    # statements but refuses importlib.import_module (a first call under compile would fail).
+    from ..triton.flash_attention import supports
+
+    return supports(q, *args)
 
 
 _triton_op = define_op(f"{OP}_triton", _SCHEMA, _triton_impl, _fake, "CompositeExplicitAutograd")

@@ -13,6 +13,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import _backends, _validate
+from .. import triton as _triton
 from .._library import define_op, lazy
 from .flash_attention import (
     ATTENTION_DTYPES,
@@ -50,6 +51,24 @@ _torch_op = define_op(f"{OP}_torch", _SCHEMA, _torch_impl, _fake, "CompositeExpl
 
 # The reference serves any block size, head dim and cache dtype that passes validation.
 _backends.register(OP, "torch", eager=_torch_impl)(_torch_op)
+
+_triton_impl = lazy("lepton_kernels.triton.paged_attention", "paged_attention")
+
+
+def _triton_supports(q, k_cache, *args) -> Optional[str]:
+    # Checked first so a missing triton is a reason, not an ImportError from the kernel module.
+    reason = _triton.unavailable_reason(q.device, True, k_cache.dtype == FP8_DTYPE)
+    if reason is not None:
+        return reason
+    # An import statement, not lazy(): torch.compile traces selection, and dynamo runs import
+    # statements but refuses importlib.import_module (a first call under compile would fail).
+    from ..triton.paged_attention import supports
+
+    return supports(q, k_cache, *args)
+
+
+_triton_op = define_op(f"{OP}_triton", _SCHEMA, _triton_impl, _fake, "CompositeExplicitAutograd")
+_backends.register(OP, "triton", _triton_supports, eager=_triton_impl)(_triton_op)
 
 
 def paged_attention(
