@@ -289,3 +289,30 @@ def test_gpu_decode_long_kv(sq):
         q, k, v = qkv(3, sq, 4099, hq, hkv, 128, torch.bfloat16, device=CUDA)
         lens = torch.tensor([4099, 1, 2000], dtype=torch.int32, device=CUDA)
         check(_args(q, k, v, causal=True, kv_lens=lens))
+
+
+@pytest.mark.gpu
+def test_torch_compile_fullgraph_and_cuda_graph_gpu():
+    """Selection and the registered op trace under torch.compile; the kernel replays in a graph."""
+    import lepton_kernels as lk
+
+    q = torch.randn(2, 128, 8, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 160, 2, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+
+    def attend(q, k, v):
+        return lk.flash_attention(q, k, v, causal=True, backend="triton")
+
+    want = attend(q, k, v)
+    got = torch.compile(attend, fullgraph=True)(q, k, v)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+    graph = torch.cuda.CUDAGraph()
+    attend(q, k, v)  # warm-up (compiles the kernel) outside capture
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        out = attend(q, k, v)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, attend(q, k, v), atol=0, rtol=0)
