@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from .. import _backends, _validate
+from .. import triton as _triton
 from .._library import define_op, lazy
 from ..quant.weight import QuantizedWeight, quantize_weight
 
@@ -33,6 +34,19 @@ def fake(x, packed, scales, zeros, perm, bias, scheme, layout, group_size, n, k)
 _torch_impl = lazy("lepton_kernels.reference.quant_matmul", "quant_matmul")
 _torch_op = define_op(f"{OP}_torch", SCHEMA, _torch_impl, fake, "CompositeExplicitAutograd")
 _backends.register(OP, "torch", eager=_torch_impl)(_torch_op)
+
+_triton_impl = lazy("lepton_kernels.triton.quant_matmul", "quant_matmul")
+_triton_kernel_supports = lazy("lepton_kernels.triton.quant_matmul", "supports")
+
+
+def _triton_supports(x, *args) -> Optional[str]:
+    # Checked first so a missing triton is a reason, not an ImportError from the kernel module.
+    reason = _triton.unavailable_reason(x.device)
+    return reason if reason is not None else _triton_kernel_supports(x, *args)
+
+
+_triton_op = define_op(f"{OP}_triton", SCHEMA, _triton_impl, fake, "CompositeExplicitAutograd")
+_backends.register(OP, "triton", _triton_supports, eager=_triton_impl)(_triton_op)
 
 
 def quant_matmul(

@@ -28,7 +28,9 @@ def quantize_rows_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     Computed in float32 (division, round half to even). Returns ``(q int8 [M, K], s fp32 [M, 1])``.
     """
     x32 = x.to(torch.float32)
-    scale = (x32.abs().amax(dim=-1, keepdim=True) / INT8_MAX).clamp_min(_FP32_TINY)
+    # Divide in float64 and round once: CUDA torch turns division by a Python number into a
+    # multiply by its reciprocal, which can be an ulp off the IEEE quotient the kernels use.
+    scale = (x32.abs().amax(dim=-1, keepdim=True).double() / INT8_MAX).float().clamp_min(_FP32_TINY)
     q = torch.round(x32 / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 
@@ -40,7 +42,7 @@ def quantize_rows_fp8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     ``(q float8_e4m3fn [M, K], s fp32 [M, 1])``.
     """
     x32 = x.to(torch.float32)
-    scale = (x32.abs().amax(dim=-1, keepdim=True) / FP8_E4M3_MAX).clamp_min(_FP32_TINY)
+    scale = (x32.abs().amax(dim=-1, keepdim=True).double() / FP8_E4M3_MAX).float().clamp_min(_FP32_TINY)
     q = (x32 / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return q, scale
 
