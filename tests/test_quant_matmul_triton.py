@@ -390,8 +390,10 @@ def test_gpu_asm_dequantizer_matches_portable(monkeypatch, scheme, group_size, s
         portable = quant_matmul(x, qw, backend="triton")
         monkeypatch.setattr(tq, "ASM_DEQUANT", True)
         ref = quant_matmul(x, qw, backend="torch")
-        _check(fast, ref, mean_tol=_mean_tol(dtype))
-        _check(portable, ref, mean_tol=_mean_tol(dtype))
+        # From 33 tokens grouped int4 weights are scaled (rounded to 16 bits) before the dot.
+        rounded = scheme == "w4a16" and group_size != -1 and m > 32
+        _check(fast, ref, mean_tol=_mean_tol(dtype), rounded_weights=rounded)
+        _check(portable, ref, mean_tol=_mean_tol(dtype), rounded_weights=rounded)
 
 
 @pytest.mark.gpu
