@@ -36,6 +36,25 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def online_softmax_step(qk, m_i, l_i, acc, scale, MASKED: tl.constexpr):
+    """One key tile of the online softmax (base 2; ``scale`` includes log2(e)).
+
+    Returns the tile's probabilities ``p``, the new running max, and the running sum and
+    output accumulator rescaled to it; the caller adds ``p @ v`` and keeps the new max.
+    """
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
+    if MASKED:
+        # A row with nothing visible so far keeps m = -inf; subtract 0 instead so that
+        # exp2(-inf - -inf) never makes a NaN (p and alpha come out 0).
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
+    p = tl.math.exp2(qk * scale - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
+
+
+@triton.jit
 def _tanh(x):
     # tanh through exp2: libdevice's tanh is unavailable under the interpreter. Saturates
     # correctly at both ends (exp2 -> inf gives 1, exp2 -> 0 gives -1).
@@ -98,17 +117,7 @@ def _attn_blocks(
             if HAS_LEFT:
                 visible = visible & (cols >= rows[:, None] + diag - window_left)
             qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
-        if MASKED:
-            # A row with nothing visible so far keeps m = -inf; subtract 0 instead so that
-            # exp2(-inf - -inf) never makes a NaN (p and alpha come out 0).
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_sub = m_new
-        p = tl.math.exp2(qk * scale - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        p, m_new, l_i, acc = online_softmax_step(qk, m_i, l_i, acc, scale, MASKED)
         if USE_TMA:
             v = v_desc.load([start_n, 0])
         elif MASKED:

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting, unavailable_reason
-from .flash_attention import LOG2E, _capability, _tanh
+from .flash_attention import LOG2E, _capability, _tanh, online_softmax_step
 from .flash_attention_configs import AttentionTiles, attention_tiles
 
 OP = "paged_attention"
@@ -122,16 +122,7 @@ def _fold_tiles(
             if HAS_LEFT:
                 visible = visible & (cols >= pos[:, None] - window_left)
             qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
-        if MASKED:
-            # Rows with nothing visible yet keep m = -inf: subtract 0 so exp2 gives 0, not NaN.
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_sub = m_new
-        p = tl.math.exp2(qk * scale - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        p, m_new, l_i, acc = online_softmax_step(qk, m_i, l_i, acc, scale, MASKED)
         if MASKED:
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0, eviction_policy="evict_first")
         elif EVEN_D:
