@@ -12,6 +12,9 @@ __version__ = "0.1.0"
 _API = {
     "BACKENDS": "._backends",
     "BackendUnavailableError": "._backends",
+    "BlockAllocator": ".cache",
+    "OutOfBlocksError": ".cache",
+    "PagedKVCache": ".cache",
     "flash_attention": ".ops.flash_attention",
     "paged_attention": ".ops.paged_attention",
     "paged_kv_write": ".ops.paged_kv_write",
