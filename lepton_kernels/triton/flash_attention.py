@@ -62,6 +62,32 @@ def _tanh(x):
 
 
 @triton.jit
+def score_tile(qk, offs_n, query_pos, num_keys, window_left, window_right, qk_scale, softcap_scale,
+               SOFTCAP: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Softcap and mask one tile of raw scores ``q @ k^T``.
+
+    ``query_pos`` is each row's key position (bottom-right aligned); keys ``offs_n`` past
+    ``num_keys`` or outside the window become -inf. Returns the scores and the scale that
+    ``online_softmax_step`` must still apply (1 when the softcap already applied it).
+    """
+    if SOFTCAP:
+        # softcap * tanh(s * scale / softcap), already in log2 units (softcap_scale has log2e)
+        qk = softcap_scale * _tanh(qk * qk_scale)
+        scale = 1.0
+    else:
+        scale = qk_scale
+    if MASKED:
+        cols = offs_n[None, :]
+        visible = cols < num_keys
+        if HAS_RIGHT:
+            visible = visible & (cols <= query_pos[:, None] + window_right)
+        if HAS_LEFT:
+            visible = visible & (cols >= query_pos[:, None] - window_left)
+        qk = tl.where(visible, qk, float("-inf"))
+    return qk, scale
+
+
+@triton.jit
 def _attn_blocks(
     acc, l_i, m_i, q,
     k_base, v_base, k_desc, v_desc, stride_ks, stride_vs,
@@ -103,20 +129,8 @@ def _attn_blocks(
         if UPCAST:
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if SOFTCAP:
-            # softcap * tanh(s * scale / softcap), already in log2 units (softcap_scale has log2e)
-            qk = softcap_scale * _tanh(qk * qk_scale)
-            scale = 1.0
-        else:
-            scale = qk_scale
-        if MASKED:
-            cols = offs_n[None, :]
-            visible = cols < seqlen_k
-            if HAS_RIGHT:
-                visible = visible & (cols <= rows[:, None] + diag + window_right)
-            if HAS_LEFT:
-                visible = visible & (cols >= rows[:, None] + diag - window_left)
-            qk = tl.where(visible, qk, float("-inf"))
+        qk, scale = score_tile(qk, offs_n, rows + diag, seqlen_k, window_left, window_right, qk_scale,
+                               softcap_scale, SOFTCAP, MASKED, HAS_LEFT, HAS_RIGHT)
         p, m_new, l_i, acc = online_softmax_step(qk, m_i, l_i, acc, scale, MASKED)
         if USE_TMA:
             v = v_desc.load([start_n, 0])

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting, unavailable_reason
-from .flash_attention import LOG2E, _capability, _tanh, online_softmax_step
+from .flash_attention import LOG2E, _capability, online_softmax_step, score_tile
 from .flash_attention_configs import AttentionTiles, attention_tiles
 
 OP = "paged_attention"
@@ -108,20 +108,8 @@ def _fold_tiles(
         if FP8 or UPCAST:
             k = k.to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if SOFTCAP:
-            # softcap * tanh(s * scale / softcap), in log2 units (softcap_scale carries log2(e))
-            qk = softcap_scale * _tanh(qk * qk_scale)
-            scale = 1.0
-        else:
-            scale = qk_scale
-        if MASKED:
-            cols = offs_n[None, :]
-            visible = cols < seq_len
-            if HAS_RIGHT:
-                visible = visible & (cols <= pos[:, None] + window_right)
-            if HAS_LEFT:
-                visible = visible & (cols >= pos[:, None] - window_left)
-            qk = tl.where(visible, qk, float("-inf"))
+        qk, scale = score_tile(qk, offs_n, pos, seq_len, window_left, window_right, qk_scale,
+                               softcap_scale, SOFTCAP, MASKED, HAS_LEFT, HAS_RIGHT)
         p, m_new, l_i, acc = online_softmax_step(qk, m_i, l_i, acc, scale, MASKED)
         if MASKED:
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0, eviction_policy="evict_first")
