@@ -6,12 +6,14 @@ arrived. Values (lengths, slots) are never read: that would force a device sync 
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# Shared with the torch API (re-exported: the ops call them as V.check_...).
+from .._options import check_mask_options, check_max_seqlen, check_softmax_scale  # noqa: F401
 
 FLOAT_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 INDEX_DTYPES = (jnp.dtype(jnp.int32),)
@@ -99,62 +101,6 @@ def check_cache_scales(cache_dtype, k_scale, v_scale,
 def per_head(scale: jax.Array, num_heads: int) -> jax.Array:
     """A per-tensor or per-head scale as float32 ``[num_heads]``."""
     return jnp.broadcast_to(scale.reshape(-1).astype(jnp.float32), (num_heads,))
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def check_mask_options(causal: object, window: object, softcap: object) -> Tuple[bool, int, int, float]:
-    """Validate causal/window/softcap as the torch API does; return (causal, left, right, softcap).
-
-    ``window = (left, right)``, -1 = unbounded. ``causal=True`` means a right window of 0 (and
-    conflicts with ``right > 0``); a right window of 0 is causal.
-    """
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise TypeError(f"window must be a (left, right) pair of ints, got {window!r}")
-    left, right = window
-    for name, value in (("window[0] (left)", left), ("window[1] (right)", right)):
-        if not _is_int(value):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value < -1:
-            raise ValueError(f"{name} must be -1 (unbounded) or >= 0, got {value}")
-    if causal and right > 0:
-        raise ValueError(
-            f"causal=True conflicts with window={tuple(window)}: causal means a right window of 0; "
-            f"pass causal=False to look {right} keys ahead"
-        )
-    causal = causal or right == 0
-    right = 0 if causal else int(right)
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-        raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
-    if not softcap >= 0:  # also rejects NaN
-        raise ValueError(f"softcap must be >= 0 (0 turns it off), got {softcap}")
-    return causal, int(left), right, float(softcap)
-
-
-def check_softmax_scale(softmax_scale: object, head_dim: int) -> float:
-    """The score scale: a finite Python number, default ``1/sqrt(head_dim)``."""
-    if softmax_scale is None:
-        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    if not math.isfinite(softmax_scale):
-        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
-    return float(softmax_scale)
-
-
-def check_max_seqlen(name: str, value: object, default: int) -> int:
-    """A static upper bound of sequence lengths (a Python int: it sizes grids under jit)."""
-    if value is None:
-        return default
-    if not _is_int(value):
-        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return int(value)
 
 
 def check_bool(name: str, value: object) -> bool:

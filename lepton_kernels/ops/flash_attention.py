@@ -14,12 +14,12 @@ A backend's ``supports`` function takes the same positional arguments as its imp
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple, Union
 
 import torch
 
 from .. import _backends, _validate
+from .._options import check_mask_options, check_max_seqlen, check_softmax_scale
 from .. import triton as _triton
 from .._library import define_op, lazy
 
@@ -131,55 +131,6 @@ def flash_attention(
 
 
 # -- argument checks shared with paged_attention -------------------------------------------------
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
-
-
-def check_mask_options(causal: object, window: object, softcap: object) -> Tuple[bool, int, int, float]:
-    """Validate causal/window/softcap; return the normalized (causal, left, right, softcap)."""
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise TypeError(f"window must be a (left, right) pair of ints, got {window!r}")
-    left, right = window
-    for name, value in (("window[0] (left)", left), ("window[1] (right)", right)):
-        if not _is_int(value):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value < -1:
-            raise ValueError(f"{name} must be -1 (unbounded) or >= 0, got {value}")
-    if causal and right > 0:
-        raise ValueError(
-            f"causal=True conflicts with window={tuple(window)}: causal means a right window of 0; "
-            f"pass causal=False to look {right} keys ahead"
-        )
-    causal = causal or right == 0
-    right = 0 if causal else right
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-        raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
-    if not softcap >= 0:  # also rejects NaN
-        raise ValueError(f"softcap must be >= 0 (0 turns it off), got {softcap}")
-    return causal, int(left), int(right), float(softcap)
-
-
-def check_softmax_scale(softmax_scale: object, head_dim: int) -> float:
-    if softmax_scale is None:
-        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    if not math.isfinite(softmax_scale):
-        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
-    return float(softmax_scale)
-
-
-def check_max_seqlen(name: str, value: object, default: int) -> int:
-    if value is None:
-        return default
-    if not _is_int(value):
-        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
 
 
 def check_heads(q: torch.Tensor, q_head_dim: int, k_name: str, k: torch.Tensor, k_head_dim: int) -> None:
