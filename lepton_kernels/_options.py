@@ -13,6 +13,8 @@ from typing import Tuple
 def is_int(x: object) -> bool:
     """A Python or NumPy integer, or torch's symbolic ``SymInt`` (sizes under torch.compile),
     recognized by name so that this module never imports torch. Not a bool."""
+    if type(x) is int:  # the common case, before the slower abstract-class check
+        return True
     if isinstance(x, bool):
         return False
     return isinstance(x, numbers.Integral) or type(x).__name__ == "SymInt"

@@ -41,6 +41,10 @@ ANCHOR_PREFILL = "anchor: flash_attention triton (contiguous K/V)"
 RATIO_COLUMNS = {ANCHOR_CUDNN: "vs cuDNN", ANCHOR_FLASH: "vs SDPA flash"}
 FP8_RATIO = "vs bf16 paged"
 DIFF_COLUMN = "max |out - anchor's|"
+EAGER_COLUMN = "eager µs/call"
+# Serving engines replay decode steps as CUDA graphs, so decode rows (anchors included) are timed
+# that way: the GPU's time, without the host's launch gaps (which EAGER_COLUMN shows).
+DECODE_METHOD = "graph"
 FP8 = torch.float8_e4m3fn
 
 NOTES = [
@@ -64,6 +68,9 @@ NOTES = [
     "and tiles (BLOCK_M x BLOCK_N, warps, pipeline stages) for the row.",
     "`tuning: …` rows (full runs, block size 16): the Triton kernel on the same inputs with other tiles or split "
     "counts than its heuristics choose, called below the public API; they show whether the heuristics pick well.",
+    "Decode rows, anchors included, are timed as CUDA graphs of back-to-back calls (how serving engines run "
+    f"decode steps): GPU time without launch gaps. `{EAGER_COLUMN}` (block size 16): back-to-back eager calls "
+    "of the public API; where it exceeds the median, the host's Python and launch cost limits an eager decode step.",
 ]
 
 PLOT = PlotSpec(x="L", y="gbps", where={"B": 64, "cache": "bf16"},
@@ -221,20 +228,18 @@ def _decode_case(harness: Harness, batch: int, seq_len: int, with_fp8: bool, qui
     # Anchors first: our rows then use the anchor's timing method, so a shape compares like with like.
     anchor_times: Dict[str, float] = {}
     expected: Optional[torch.Tensor] = None  # an anchor's output on the first set: a sanity check
-    method = "auto"
+    method = DECODE_METHOD
     for label, backend_name in ((ANCHOR_CUDNN, "CUDNN_ATTENTION"), (ANCHOR_FLASH, "FLASH_ATTENTION")):
         try:
             fn, note = _sdpa(backend_name)
         except Exception as exc:
             rows.append(_na_row(label, shape, exc, bytes=num_bytes))
             continue
-        row, timing = _time_or_na(harness, label, fn, [(s.q, s.k, s.v) for s in sets], shape, bytes=num_bytes,
-                                  note=note)
+        row, timing = _time_or_na(harness, label, fn, [(s.q, s.k, s.v) for s in sets], shape, method=method,
+                                  bytes=num_bytes, note=note)
         rows.append(row)
         if timing is not None:
             anchor_times[label] = timing.median_us
-            if method == "auto":
-                method = timing.method
             if expected is None:
                 expected = fn(sets[0].q, sets[0].k, sets[0].v)[:, :, 0]
     main = next((label for label in ANCHOR_PRIORITY if label in anchor_times), None)
@@ -254,6 +259,8 @@ def _decode_case(harness: Harness, batch: int, seq_len: int, with_fp8: bool, qui
             row, timing = _time_or_na(harness, label, _public(backend), paged, shape, method=method, bytes=num_bytes)
             if timing is not None and expected is not None:
                 row.extra[DIFF_COLUMN] = _max_diff(_public(backend)(*paged[0]), expected)
+            if timing is not None and block_size == BLOCK_SIZES[0]:
+                row.extra[EAGER_COLUMN] = harness.time(_public(backend), paged, method="eager loop").median_us
             if backend == "triton":
                 row.extra[PLAN_COLUMN] = _describe_plan(paged[0])
             ours.append(row)

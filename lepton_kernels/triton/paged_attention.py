@@ -423,6 +423,7 @@ class LaunchPlan:
     num_splits: int  # grid axis 2: key ranges per program
 
 
+@functools.lru_cache(maxsize=1024)  # decode loops call with the same shapes every step
 def plan(*, num_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int, batch: int,
          max_blocks: int, varlen: bool, max_seqlen_q: int, q_dtype: torch.dtype, cache_dtype: torch.dtype,
          window_left: int, window_right: int, capability: Tuple[int, int], sm_count: int, interp: bool,
@@ -486,8 +487,9 @@ def launch_plan(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tenso
                 interp=interp, tiles=tiles, num_splits=num_splits)
 
 
-def _max_offset(x: torch.Tensor) -> int:
-    return sum((size - 1) * abs(stride) for size, stride in zip(x.shape, x.stride()) if size > 0)
+@functools.lru_cache(maxsize=256)
+def _max_offset(shape: Tuple[int, ...], strides: Tuple[int, ...]) -> int:
+    return sum((size - 1) * abs(stride) for size, stride in zip(shape, strides) if size > 0)
 
 
 # -- the backend ---------------------------------------------------------------------------------------
@@ -562,7 +564,8 @@ def paged_attention(
     seq_lens = seq_lens.contiguous()
     if varlen:
         cu_seqlens_q = cu_seqlens_q.contiguous()
-    int64_pages = not interp and max(_max_offset(k_cache), _max_offset(v_cache)) >= 2 ** 31
+    int64_pages = not interp and max(_max_offset(k_cache.shape, k_cache.stride()),
+                                      _max_offset(v_cache.shape, v_cache.stride())) >= 2 ** 31
 
     grid = (p.num_q_blocks, num_q_heads // p.hpp, num_splits)
     _paged_attn_kernel[grid](
