@@ -156,6 +156,35 @@ def test_cpu_tensor_descriptors():
     check(_args(q, k, v, causal=True, kv_lens=kv_lens, **cu), use_tma=True)
 
 
+SPLIT_CASES = [
+    # (name, Sq, Sk, Hq, Hkv, options): one query block per sequence, keys split in ranges
+    ("decode", 1, 203, 4, 1, dict(causal=True)),
+    ("decode-window-softcap", 1, 203, 4, 2, dict(window=(40, 0), softcap=5.0)),
+    ("short-queries-causal", 3, 113, 4, 1, dict(causal=True)),
+    ("window-both-sides", 2, 150, 2, 2, dict(window=(32, 8))),
+]
+
+
+@pytest.mark.parametrize("name,sq,sk,hq,hkv,options", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
+@pytest.mark.parametrize("num_splits", [2, 5])
+def test_cpu_split_kv(name, sq, sk, hq, hkv, options, num_splits):
+    # Flash-decoding: more splits than some sequences have key blocks, so empty ranges occur.
+    q, k, v = qkv(2, sq, sk, hq, hkv, 64, torch.float16)
+    kv_lens = torch.tensor([sk, 7], dtype=torch.int32, device=DEVICE)
+    check(_args(q, k, v, kv_lens=kv_lens, **options), num_splits=num_splits)
+
+
+def test_cpu_split_kv_varlen():
+    q, k, v, cu = varlen_qkv([1, 0, 2, 1], [90, 0, 33, 1], 4, 2, 64, torch.float16)
+    check(_args(q, k, v, causal=True, **cu), num_splits=3)
+
+
+def test_split_kv_needs_one_query_block():
+    q, k, v = qkv(1, 40, 64, 2, 2, 64, torch.float16)
+    with pytest.raises(ValueError, match="one query block per sequence"):
+        fa_triton.flash_attention(*_args(q, k, v), num_splits=2)
+
+
 def test_cpu_empty():
     q, k, v = qkv(2, 0, 5, 2, 2, 64, torch.float16)
     out, lse = fa_triton.flash_attention(*_args(q, k, v))
@@ -289,6 +318,20 @@ def test_gpu_decode_long_kv(sq):
         q, k, v = qkv(3, sq, 4099, hq, hkv, 128, torch.bfloat16, device=CUDA)
         lens = torch.tensor([4099, 1, 2000], dtype=torch.int32, device=CUDA)
         check(_args(q, k, v, causal=True, kv_lens=lens))
+        check(_args(q, k, v, causal=True, kv_lens=lens), num_splits=1)  # the unsplit kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gpu_decode_splits(d):
+    # B=1 decode over a long cache: the heuristic splits the keys (and must still be exact).
+    q, k, v = qkv(1, 1, 32768 + 77, 32, 8, d, torch.bfloat16, device=CUDA)
+    args = _args(q, k, v, causal=True)
+    assert fa_triton._num_splits(8, 32768 + 77, 1, fa_triton.attention_tiles(
+        d, torch.bfloat16, torch.cuda.get_device_capability(), 4, False), -1, 0,
+        torch.cuda.get_device_properties(0).multi_processor_count) > 1
+    check(args)
+    check(_args(q, k, v, window=(1000, 0), softcap=30.0))
 
 
 @pytest.mark.gpu

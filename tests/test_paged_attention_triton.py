@@ -267,7 +267,7 @@ def test_supports_reasons():
 
 
 def test_split_heuristic():
-    choose = pa_triton._choose_num_splits
+    choose = pa_triton.choose_num_splits
     sms = 132
     assert choose(64 * 8, 64, sms, True) == 1  # B=64, Hkv=8: the GPU is full
     assert choose(128 * 8, 32, sms, True) == 1

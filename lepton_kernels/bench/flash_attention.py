@@ -25,6 +25,8 @@ SEQ_LENS = (1024, 4096, 16384)
 QUICK_SEQ_LENS = (1024, 4096)
 VARLEN_RANGE = (100, 4000)
 VARLEN_SEED = 0
+# Decode over a contiguous cache (what a patched Hugging Face model does each step): (B, keys).
+DECODE_SHAPES = ((1, 32768), (16, 4096))
 
 ANCHOR_FLASH = "anchor: SDPA flash (FA2)"
 ANCHOR_CUDNN = "anchor: SDPA cuDNN"
@@ -41,6 +43,10 @@ NOTES = [
     "columns of our rows compare with each anchor (anchor time / our time, above 1: we are faster).",
     "SDPA takes no cu_seqlens: its flash row for varlen calls `aten._flash_attention_forward` (the varlen "
     "entry point nested-tensor SDPA uses); FlexAttention packs the batch into one sequence with a document mask.",
+    "Decode rows (S = 1×L: one query over L cached keys, GQA 32/8, causal = the query sees every key): timed as "
+    "CUDA graphs of back-to-back calls (how decode loops run), anchors included; GB/s counts K and V once "
+    "(2·B·L·Hkv·D·2 bytes). Our kernel splits the keys over programs (flash-decoding) when one program per "
+    "(sequence, kv head) would leave the GPU idle.",
 ]
 
 PLOT = PlotSpec(x="S", y="tflops", where={"D": HEAD_DIM, "Hkv": HEADS, "causal": False, "varlen": False},
@@ -54,31 +60,49 @@ class Case:
     head_dim: int = HEAD_DIM
     kv_heads: int = HEADS
     varlen_lens: Tuple[int, ...] = field(default=())
+    decode_batch: int = 0  # > 0: decode, that many sequences of one query over seq_len keys
 
     @property
     def varlen(self) -> bool:
         return bool(self.varlen_lens)
 
     @property
+    def decode(self) -> bool:
+        return self.decode_batch > 0
+
+    @property
+    def query_len(self) -> int:
+        return 1 if self.decode else self.seq_len
+
+    @property
     def batch(self) -> int:
+        if self.decode:
+            return self.decode_batch
         return len(self.varlen_lens) if self.varlen else max(1, TOKENS // self.seq_len)
 
     def shape(self) -> Dict[str, Any]:
         seq = f"{min(self.varlen_lens)}–{max(self.varlen_lens)}" if self.varlen else self.seq_len
+        if self.decode:
+            seq = f"1×{self.seq_len}"
         return {"B": self.batch, "S": seq, "H": HEADS, "Hkv": self.kv_heads, "D": self.head_dim,
                 "causal": self.causal, "varlen": self.varlen}
 
     def flops(self) -> int:
+        if self.decode:
+            return 4 * self.batch * HEADS * self.seq_len * self.head_dim
         lens = self.varlen_lens if self.varlen else (self.seq_len,) * self.batch
         total = sum(4 * HEADS * n * n * self.head_dim for n in lens)
         return total // 2 if self.causal else total
 
+    def kv_bytes(self) -> int:
+        return 2 * self.batch * self.seq_len * self.kv_heads * self.head_dim * 2
+
     def tokens(self) -> int:
-        return sum(self.varlen_lens) if self.varlen else self.batch * self.seq_len
+        return sum(self.varlen_lens) if self.varlen else self.batch * self.query_len
 
     def touched_bytes(self) -> int:
         q_and_out = 2 * self.tokens() * HEADS * self.head_dim * 2
-        kv = 2 * self.tokens() * self.kv_heads * self.head_dim * 2
+        kv = self.kv_bytes() if self.decode else 2 * self.tokens() * self.kv_heads * self.head_dim * 2
         return q_and_out + kv
 
 
@@ -97,12 +121,12 @@ def _varlen_lengths() -> Tuple[int, ...]:
 def cases(quick: bool) -> List[Case]:
     out = [Case(s, c) for s in (QUICK_SEQ_LENS if quick else SEQ_LENS) for c in (False, True)]
     if quick:
-        return out
+        return out + [Case(32768, True, kv_heads=8, decode_batch=1)]
     lens = _varlen_lengths()
     for variant in (dict(head_dim=64), dict(head_dim=256), dict(kv_heads=8), dict(varlen_lens=lens)):
         seq_len = max(lens) if "varlen_lens" in variant else 4096
         out += [Case(seq_len, c, **variant) for c in (False, True)]
-    return out
+    return out + [Case(seq_len, True, kv_heads=8, decode_batch=batch) for batch, seq_len in DECODE_SHAPES]
 
 
 def make_set(case: Case, device: torch.device) -> Dict[str, Any]:
@@ -113,6 +137,8 @@ def make_set(case: Case, device: torch.device) -> Dict[str, Any]:
         return torch.randn(case.batch, case.seq_len, heads, case.head_dim, device=device, dtype=torch.bfloat16)
 
     inputs: Dict[str, Any] = {"q": rand(HEADS), "k": rand(case.kv_heads), "v": rand(case.kv_heads)}
+    if case.decode:
+        inputs["q"] = torch.randn(case.batch, 1, HEADS, case.head_dim, device=device, dtype=torch.bfloat16)
     if case.varlen:
         lens = torch.tensor((0,) + case.varlen_lens, device=device)
         inputs["cu_seqlens"] = lens.cumsum(0).to(torch.int32)
@@ -192,10 +218,14 @@ def _sdpa(case: Case, backend_name: str) -> Callable:
                 0.0, case.causal, False)
         return call
 
+    # SDPA's is_causal is top-left aligned: a decode query would see key 0 only. Bottom-right
+    # causal (ours) lets it see every key, which is SDPA without a mask.
+    causal = case.causal and not case.decode
+
     def call(s):
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(_bhsd(s["q"]), _bhsd(s["k"]), _bhsd(s["v"]),
-                                                  is_causal=case.causal, **gqa)
+                                                  is_causal=causal, **gqa)
     return call
 
 
@@ -228,7 +258,7 @@ def _flex(case: Case, first: Dict[str, Any]) -> Callable:
         return call
 
     block_mask = None
-    if case.causal:
+    if case.causal and not case.decode:  # a decode query sees every key (bottom-right causal)
         def causal_mask(b, h, q_idx, kv_idx):
             return q_idx >= kv_idx
 
@@ -264,9 +294,12 @@ def run(harness: Harness, quick: bool = False) -> List[Row]:
         inputs = [(s,) for s in sets]
         case_rows: List[Row] = []
 
+        # Decode steps run as CUDA graphs in serving loops: time GPU work without launch gaps.
+        method = "graph" if case.decode else "auto"
+        row_kwargs = dict(flops=case.flops(), bytes=case.kv_bytes() if case.decode else None)
         for backend in _our_backends(case, sets[0], harness):
-            timing = harness.time(_ours(case, backend), inputs)
-            case_rows.append(Row.from_timing(OP, backend, case.shape(), timing, flops=case.flops()))
+            timing = harness.time(_ours(case, backend), inputs, method=method)
+            case_rows.append(Row.from_timing(OP, backend, case.shape(), timing, **row_kwargs))
             harness.log(f"    {backend:<34} {timing.median_us:10.1f} µs")
 
         anchor_times: Dict[str, float] = {}
@@ -275,14 +308,14 @@ def run(harness: Harness, quick: bool = False) -> List[Row]:
                 fn = build()
                 fn(sets[0])  # fails here when the backend refuses the inputs
                 torch.cuda.synchronize()
-                timing = harness.time(fn, inputs)
+                timing = harness.time(fn, inputs, method=method)
             except Exception as exc:  # an anchor that cannot run is reported, not fatal
                 torch.cuda.synchronize()
                 case_rows.append(_na_row(label, case, exc))
                 harness.log(f"    {label:<34} n/a ({type(exc).__name__})")
                 continue
             anchor_times[label] = timing.median_us
-            case_rows.append(Row.from_timing(OP, label, case.shape(), timing, flops=case.flops()))
+            case_rows.append(Row.from_timing(OP, label, case.shape(), timing, **row_kwargs))
             harness.log(f"    {label:<34} {timing.median_us:10.1f} µs")
         main = next((label for label in ANCHOR_PRIORITY if label in anchor_times), None)
         for row in case_rows:

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from . import interpreting, unavailable_reason
 from .flash_attention_configs import attention_tiles
+from .split_kv import MAX_SPLITS, choose_num_splits, sm_count
 
 OP = "flash_attention"
 MAX_HEAD_DIM = 256
@@ -148,9 +149,9 @@ def _attn_blocks(
 
 
 # Sequence lengths and windows vary per call: no recompile for each value class (1, multiples of 16).
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group"])
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "num_splits"])
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ws_o_ptr, ws_lse_ptr,
     cu_q_ptr, cu_k_ptr, kv_lens_ptr,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -159,10 +160,10 @@ def _attn_fwd_kernel(
     stride_lb, stride_lh, stride_ls,
     seqlen_q, seqlen_k,
     qk_scale, softcap_scale,
-    window_left, window_right, group,
+    window_left, window_right, group, num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PACK: tl.constexpr, EVEN_D: tl.constexpr,
+    PACK: tl.constexpr, EVEN_D: tl.constexpr, SPLIT: tl.constexpr,
     VARLEN: tl.constexpr, HAS_KV_LENS: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64_ROWS: tl.constexpr,
@@ -171,6 +172,9 @@ def _attn_fwd_kernel(
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1)  # query head, or kv head when packing (PACK > 1)
     batch = tl.program_id(2)
+    if SPLIT:  # one query block per sequence; axis 0 walks its key ranges (see _split_range)
+        split = pid_m
+        pid_m = 0
 
     if VARLEN:
         q_start = tl.load(cu_q_ptr + batch)
@@ -244,6 +248,16 @@ def _attn_fwd_kernel(
         full_hi = tl.maximum(tl.minimum(full_hi, first_row + diag + window_right + 1), 0)
     mid_lo = tl.minimum(tl.maximum(lo, tl.cdiv(full_lo, BLOCK_N) * BLOCK_N), hi)
     mid_hi = tl.maximum(mid_lo, tl.minimum(full_hi // BLOCK_N * BLOCK_N, hi))
+    if SPLIT:
+        # This program's share of [lo, hi): whole key blocks from lo (itself block-aligned), so
+        # clamping the three phases to it keeps the unmasked phase on full blocks.
+        per_split = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N), num_splits) * BLOCK_N
+        split_lo = lo + split * per_split
+        split_hi = tl.minimum(split_lo + per_split, hi)
+        lo = tl.minimum(tl.maximum(lo, split_lo), split_hi)
+        mid_lo = tl.minimum(tl.maximum(mid_lo, split_lo), split_hi)
+        mid_hi = tl.minimum(tl.maximum(mid_hi, split_lo), split_hi)
+        hi = tl.minimum(tl.maximum(hi, split_lo), split_hi)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -269,10 +283,69 @@ def _attn_fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)  # ln 2
+    if SPLIT:
+        # Partials of this (sequence, head program, split), rows in program order; padding rows
+        # too (the combine drops them). Workspace: [B, head programs, splits, BLOCK_M(, BLOCK_D)].
+        ws_row = ((batch * tl.num_programs(1) + pid_h) * num_splits + split).to(tl.int64) * BLOCK_M + offs_m
+        tl.store(ws_o_ptr + ws_row[:, None] * BLOCK_D + offs_d[None, :], out)
+        tl.store(ws_lse_ptr + ws_row, lse)
+        return
 
     o_ptrs = (o_ptr + batch.to(tl.int64) * stride_ob + q_rows[:, None] * stride_os
               + heads[:, None].to(tl.int64) * stride_oh + offs_d[None, :])
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    lse_ptrs = lse_ptr + batch.to(tl.int64) * stride_lb + heads.to(tl.int64) * stride_lh + q_rows * stride_ls
+    tl.store(lse_ptrs, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_combine_kernel(
+    ws_o_ptr, ws_lse_ptr, o_ptr, lse_ptr, cu_q_ptr,
+    stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
+    seqlen_q, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, PACK: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    """Merge the split partials of one (sequence, head program): lse = log sum_s exp(lse_s),
+    out = sum_s exp(lse_s - lse) out_s; rows are mapped to (query, head) as in the forward."""
+    pid_h = tl.program_id(0)
+    batch = tl.program_id(1)
+    if VARLEN:
+        q_start = tl.load(cu_q_ptr + batch)
+        seqlen_q = tl.load(cu_q_ptr + batch + 1) - q_start
+    else:
+        q_start = 0
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    base = (batch * tl.num_programs(0) + pid_h).to(tl.int64) * num_splits * BLOCK_M
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(0, num_splits):
+        m = tl.maximum(m, tl.load(ws_lse_ptr + base + s * BLOCK_M + offs_m))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    denom = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for s in range(0, num_splits):
+        row = base + s * BLOCK_M + offs_m
+        w = tl.exp(tl.load(ws_lse_ptr + row) - m_safe)  # 0 for splits that saw no key
+        part = tl.load(ws_o_ptr + row[:, None] * BLOCK_D + offs_d[None, :])
+        acc += w[:, None] * tl.where(w[:, None] > 0.0, part, 0.0)
+        denom += w
+    empty = denom == 0.0
+    denom_safe = tl.where(empty, 1.0, denom)
+    out = acc / denom_safe[:, None]
+    lse = tl.where(empty, float("-inf"), m_safe + tl.log(denom_safe))
+
+    if PACK > 1:
+        rows = offs_m // PACK
+        heads = pid_h * PACK + offs_m % PACK
+    else:
+        rows = offs_m
+        heads = pid_h + offs_m * 0
+    row_ok = rows < seqlen_q
+    q_rows = (q_start + rows).to(tl.int64)
+    o_ptrs = (o_ptr + batch.to(tl.int64) * stride_ob + q_rows[:, None] * stride_os
+              + heads[:, None].to(tl.int64) * stride_oh + offs_d[None, :])
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
     lse_ptrs = lse_ptr + batch.to(tl.int64) * stride_lb + heads.to(tl.int64) * stride_lh + q_rows * stride_ls
     tl.store(lse_ptrs, lse, mask=row_ok)
 
@@ -327,11 +400,13 @@ def flash_attention(
     pack_gqa: Optional[bool] = None,
     tiles=None,
     use_tma: Optional[bool] = None,
+    num_splits: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention forward on validated inputs (same meaning as the ``flash_attention`` op).
 
-    ``pack_gqa``, ``tiles`` (an ``AttentionTiles``) and ``use_tma`` (K/V through tensor
-    descriptors) override the heuristics; for tests and benchmarks.
+    ``pack_gqa``, ``tiles`` (an ``AttentionTiles``), ``use_tma`` (K/V through tensor
+    descriptors) and ``num_splits`` (key ranges per query block; needs one query block per
+    sequence) override the heuristics; for tests and benchmarks.
     """
     varlen = cu_seqlens_q is not None
     if varlen:
@@ -389,10 +464,29 @@ def flash_attention(
     else:
         qk_scale, softcap_scale = softmax_scale * LOG2E, 1.0
 
+    one_block = seqlen_q * pack <= tiles.block_m
+    if num_splits is None:
+        num_splits = 1 if interp or not one_block else _num_splits(
+            batch * (num_heads_q // pack), seqlen_k, seqlen_q, tiles, window_left, window_right,
+            sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()))
+    elif num_splits > 1 and not one_block:
+        raise ValueError(f"num_splits > 1 needs one query block per sequence ({seqlen_q} queries x {pack} "
+                         f"packed heads > BLOCK_M = {tiles.block_m})")
+    num_splits = max(1, min(int(num_splits), MAX_SPLITS))
+    split = num_splits > 1
+    num_head_programs = num_heads_q // pack
+    if split:
+        ws_o = torch.empty((batch, num_head_programs, num_splits, tiles.block_m, block_d), dtype=torch.float32,
+                           device=q.device)
+        ws_lse = torch.empty((batch, num_head_programs, num_splits, tiles.block_m), dtype=torch.float32,
+                             device=q.device)
+    else:
+        ws_o = ws_lse = lse  # never touched
+
     dummy = lse  # stands in for absent optional pointers; never read
-    grid = (triton.cdiv(seqlen_q * pack, tiles.block_m), num_heads_q // pack, batch)
+    grid = (num_splits if split else triton.cdiv(seqlen_q * pack, tiles.block_m), num_head_programs, batch)
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse,
+        q, k, v, out, lse, ws_o, ws_lse,
         cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy,
         kv_lens if kv_lens is not None else dummy,
         stride_qb, stride_qs, stride_qh,
@@ -402,10 +496,10 @@ def flash_attention(
         stride_lb, stride_lh, stride_ls,
         seqlen_q, seqlen_k,
         qk_scale, softcap_scale,
-        max(window_left, 0), max(window_right, 0), group,
+        max(window_left, 0), max(window_right, 0), group, num_splits,
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        PACK=pack, EVEN_D=head_dim == block_d,
+        PACK=pack, EVEN_D=head_dim == block_d, SPLIT=split,
         VARLEN=varlen, HAS_KV_LENS=kv_lens is not None,
         HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=use_softcap,
         UPCAST=interp and q.dtype != torch.float32,
@@ -414,7 +508,25 @@ def flash_attention(
         USE_TMA=use_tma,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
+    if split:
+        _attn_combine_kernel[(num_head_programs, batch)](
+            ws_o, ws_lse, out, lse, cu_seqlens_q if varlen else dummy,
+            stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
+            seqlen_q, num_splits,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tiles.block_m, PACK=pack, VARLEN=varlen,
+            num_warps=4,
+        )
     return out, lse
+
+
+def _num_splits(programs: int, seqlen_k: int, seqlen_q: int, tiles, window_left: int, window_right: int,
+                sms: int) -> int:
+    """Split-KV for decode-shaped calls (one query block per sequence): too few programs to
+    fill the GPU otherwise. Shapes only (max lengths), never data: CUDA-graph safe."""
+    keys = seqlen_k
+    if window_left >= 0:  # a window bounds the keys one query block can see
+        keys = min(keys, window_left + seqlen_q + max(window_right, 0) + tiles.block_n)
+    return choose_num_splits(programs, triton.cdiv(keys, tiles.block_n), sms, decode=tiles.block_m <= 64)
 
 
 def supports(
@@ -477,14 +589,15 @@ def compile_for_target(
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, PACK=1,
         EVEN_D=head_dim == block_d, VARLEN=False, HAS_KV_LENS=False, HAS_LEFT=False, HAS_RIGHT=causal,
         SOFTCAP=False, UPCAST=False, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        INT64_ROWS=False, USE_TMA=use_tma, stride_ls=1,
+        INT64_ROWS=False, USE_TMA=use_tma, SPLIT=False, stride_ls=1,
     )
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*i32" if name in int_ptrs else "*fp32" if name == "lse_ptr" else f"*{elem}"
+            signature[name] = ("*i32" if name in int_ptrs else "*fp32" if name in ("lse_ptr", "ws_o_ptr", "ws_lse_ptr")
+                               else f"*{elem}")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in ("qk_scale", "softcap_scale"):
             signature[name] = "fp32"

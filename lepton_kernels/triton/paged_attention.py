@@ -37,20 +37,12 @@ import triton.language as tl
 from . import interpreting, unavailable_reason
 from .flash_attention import LOG2E, _capability, online_softmax_step, score_tile
 from .flash_attention_configs import AttentionTiles, attention_tiles
+from .split_kv import MAX_SPLITS, MIN_TILES_PER_SPLIT, choose_num_splits, sm_count
 
 OP = "paged_attention"
 MAX_HEAD_DIM = 256
 FP8_DTYPE = torch.float8_e4m3fn
 
-# Split heuristic (see _choose_num_splits): at most this many splits, and resident decode
-# programs per SM (sm_90 compile: ~72 KB of shared memory and ~120 registers per program).
-MAX_SPLITS = 128
-DECODE_PROGRAMS_PER_SM = 3
-# Cost of a program besides its key tiles (Q load, epilogue, partial write), in tiles.
-PROGRAM_OVERHEAD_TILES = 2
-COMBINE_OVERHEAD_TILES = 1
-# A split gets at least this many key tiles when its sequence is long enough.
-MIN_TILES_PER_SPLIT = 2
 SEARCH_CHUNK = 256  # sequences examined per step when a program looks up its sequence
 # Row budget of one program's fp32 accumulator (BLOCK_M x BLOCK_D elements).
 MAX_ACC_ELEMENTS = 128 * 128
@@ -322,11 +314,6 @@ def _combine_kernel(
 
 # -- heuristics (shapes and device properties only: never the data) -------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _shared_memory_budget(capability: Tuple[int, int]) -> int:
     """Usable shared memory per program: A100/H100-class parts have 164-227 KB, others ~100 KB."""
     if capability in ((8, 0), (8, 7)):
@@ -376,37 +363,6 @@ def prefill_tiles(block_d: int, rows: int, cache_dtype: torch.dtype, q_dtype: to
         return tiles
     extra = 1 if block_d > 128 and cache_dtype != FP8_DTYPE and tiles.block_m >= 64 else 2
     return AttentionTiles(tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages + extra)
-
-
-def _choose_num_splits(programs: int, max_tiles: int, sm_count: int, decode: bool) -> int:
-    """How many ranges to split each program's keys into.
-
-    ``programs``: (query block, head group) programs; ``max_tiles``: the most key tiles one of
-    them can have (from the block table's capacity, or the window). Decode programs are
-    bandwidth-bound and small (three fit an SM): when they fill most of the GPU's program slots
-    they stay whole; otherwise pick the count minimizing (waves of programs) x (tiles per
-    program + overhead). Query-block programs fill an SM alone and their split
-    partials are large (rows x head dim in fp32): split only a GPU less than half busy, and
-    only up to one wave."""
-    if programs <= 0 or max_tiles <= MIN_TILES_PER_SPLIT:
-        return 1
-    limit = min(MAX_SPLITS, max_tiles // MIN_TILES_PER_SPLIT)
-    if not decode:
-        if 2 * programs > sm_count:
-            return 1
-        return max(1, min(sm_count // programs, limit))
-    slots = max(1, sm_count * DECODE_PROGRAMS_PER_SM)
-    if 5 * programs >= 4 * slots:
-        return 1
-    best, best_cost = 1, None
-    for splits in range(1, limit + 1):
-        waves = -(-programs * splits // slots)
-        cost = waves * (-(-max_tiles // splits) + PROGRAM_OVERHEAD_TILES)
-        if splits > 1:
-            cost += COMBINE_OVERHEAD_TILES
-        if best_cost is None or cost < best_cost:
-            best, best_cost = splits, cost
-    return best
 
 
 @dataclass(frozen=True)
@@ -465,7 +421,7 @@ def plan(*, num_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
             if window_left >= 0:  # a window bounds the keys one query block can see
                 capacity = min(capacity, window_left + block_q + max(window_right, 0) + tiles.block_n)
             max_tiles = triton.cdiv(capacity, tiles.block_n)
-            num_splits = _choose_num_splits(num_q_blocks * (num_q_heads // hpp), max_tiles, sm_count, max_q == 1)
+            num_splits = choose_num_splits(num_q_blocks * (num_q_heads // hpp), max_tiles, sm_count, max_q == 1)
     num_splits = max(1, min(int(num_splits), MAX_SPLITS))
     return LaunchPlan(tiles, block_d, hpp, block_q, num_q_blocks, search, q_blocks_per_seq, num_splits)
 
@@ -483,7 +439,7 @@ def launch_plan(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tenso
                 block_size=block_size, batch=block_table.shape[0], max_blocks=block_table.shape[1],
                 varlen=cu_seqlens_q is not None, max_seqlen_q=max_seqlen_q, q_dtype=q.dtype,
                 cache_dtype=k_cache.dtype, window_left=window_left, window_right=window_right,
-                capability=(0, 0) if interp else _capability(index), sm_count=1 if interp else _sm_count(index),
+                capability=(0, 0) if interp else _capability(index), sm_count=1 if interp else sm_count(index),
                 interp=interp, tiles=tiles, num_splits=num_splits)
 
 

@@ -1,0 +1,54 @@
+"""How many key ranges to split attention programs into (flash-decoding), shared by the
+paged and the contiguous-cache kernels. Shapes and device properties only, never data, so a
+call's launch shape is fixed for CUDA-graph capture."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# At most this many splits, and resident decode programs per SM (sm_90 compile: ~72 KB of
+# shared memory and ~120 registers per program).
+MAX_SPLITS = 128
+DECODE_PROGRAMS_PER_SM = 3
+# Cost of a program besides its key tiles (Q load, epilogue, partial write), in tiles.
+PROGRAM_OVERHEAD_TILES = 2
+COMBINE_OVERHEAD_TILES = 1
+# A split gets at least this many key tiles when its sequence is long enough.
+MIN_TILES_PER_SPLIT = 2
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(programs: int, max_tiles: int, sm_count: int, decode: bool) -> int:
+    """How many ranges to split each program's keys into.
+
+    ``programs``: (query block, head group) programs; ``max_tiles``: the most key tiles one of
+    them can have (from the block table's capacity, or the window). Decode programs are
+    bandwidth-bound and small (three fit an SM): when they fill most of the GPU's program slots
+    they stay whole; otherwise pick the count minimizing (waves of programs) x (tiles per
+    program + overhead). Query-block programs fill an SM alone and their split
+    partials are large (rows x head dim in fp32): split only a GPU less than half busy, and
+    only up to one wave."""
+    if programs <= 0 or max_tiles <= MIN_TILES_PER_SPLIT:
+        return 1
+    limit = min(MAX_SPLITS, max_tiles // MIN_TILES_PER_SPLIT)
+    if not decode:
+        if 2 * programs > sm_count:
+            return 1
+        return max(1, min(sm_count // programs, limit))
+    slots = max(1, sm_count * DECODE_PROGRAMS_PER_SM)
+    if 5 * programs >= 4 * slots:
+        return 1
+    best, best_cost = 1, None
+    for splits in range(1, limit + 1):
+        waves = -(-programs * splits // slots)
+        cost = waves * (-(-max_tiles // splits) + PROGRAM_OVERHEAD_TILES)
+        if splits > 1:
+            cost += COMBINE_OVERHEAD_TILES
+        if best_cost is None or cost < best_cost:
+            best, best_cost = splits, cost
+    return best
