@@ -36,7 +36,7 @@ import triton.language as tl
 
 from . import interpreting, unavailable_reason
 from .flash_attention import LOG2E, _capability, online_softmax_step, score_tile
-from .flash_attention_configs import AttentionTiles, attention_tiles
+from .flash_attention_configs import AttentionTiles, attention_tiles, decode_tiles
 from .split_kv import MAX_SPLITS, MIN_TILES_PER_SPLIT, choose_num_splits, sm_count
 
 OP = "paged_attention"
@@ -314,41 +314,12 @@ def _combine_kernel(
 
 # -- heuristics (shapes and device properties only: never the data) -------------------------------
 
-def _shared_memory_budget(capability: Tuple[int, int]) -> int:
-    """Usable shared memory per program: A100/H100-class parts have 164-227 KB, others ~100 KB."""
-    if capability in ((8, 0), (8, 7)):
-        return 160 * 1024
-    if capability[0] in (9, 10):
-        return 224 * 1024
-    return 96 * 1024
-
-
 def _heads_per_program(group: int, max_rows: int) -> int:
     """The largest divisor of the GQA group that fits ``max_rows`` rows (the whole group when it does)."""
     for hpp in range(min(group, max_rows), 0, -1):
         if group % hpp == 0:
             return hpp
     return 1
-
-
-def decode_tiles(block_d: int, block_m: int, cache_dtype: torch.dtype, q_dtype: torch.dtype,
-                 capability: Tuple[int, int], interp: bool) -> AttentionTiles:
-    """Tiles for one-query programs: bandwidth-bound, so sized by the bytes of K/V per step.
-
-    8192 elements of K (and as many of V) per key tile: 64 keys at D=128, 16 KB in 16 bits
-    (fp8 tiles are converted in registers: more keys per tile ran out of registers in the
-    sm_90 compile). Stages: the page lookup feeding each K/V address takes a pipeline stage of
-    its own and the small-M dot (mma.sync) another, so Triton 3.6 keeps two K/V buffers in
-    flight (~72 KB of shared memory at 16 bits: three programs per H100 SM) only at
-    num_stages=5 (checked in the compiled IR: 3 or 4 stages give a single buffer)."""
-    if interp:
-        return AttentionTiles(block_m, 16, 4, 1)
-    elem = 4 if q_dtype == torch.float32 else cache_dtype.itemsize
-    block_n = max(16, min(128, (4096 if elem == 4 else 8192) // block_d))
-    warps = 4 if block_m <= 64 else 8
-    two_buffers = 2 * 2 * block_n * block_d * elem + 16 * 1024
-    stages = 5 if two_buffers <= _shared_memory_budget(capability) else 3
-    return AttentionTiles(block_m, block_n, warps, stages)
 
 
 def prefill_tiles(block_d: int, rows: int, cache_dtype: torch.dtype, q_dtype: torch.dtype,

@@ -560,10 +560,15 @@ def choose_config(scheme: str, m: int, n: int, k: int, group_size: int, sm_count
         block_m, block_n, num_warps, num_stages = 32, 128, 4, 4
     elif m <= 64:
         block_m, block_n, num_warps, num_stages = (64 if weight_only else 32), 64, 4, 4
-    elif m < 512 or weight_only:
+    elif scheme == "w4a16":
+        block_m, block_n, num_warps, num_stages = 128, 128, 8, 3
+        block_k = min(block_k, 64)
+    elif scheme == "w8a16":
+        # Not 128x128 with BLOCK_K 64 and 8 warps: Triton 3.6 miscompiles the int8 path there
+        # (wrong sums on an H200; tests/test_quant_matmul_triton.py::test_gpu_llm_shapes).
+        block_m, block_n, num_warps, num_stages = 128, 64, 4, 3
+    elif m < 512:
         block_m, block_n, num_warps, num_stages = 128, 128, (4 if scheme == "fp8" else 8), 3
-        if weight_only:
-            block_k = min(block_k, 64)
     elif scheme == "fp8":  # fp8 needs a second accumulator (promotion): wider N, not M
         block_m, block_n, num_warps, num_stages = 128, 256, 8, 3
     elif m < 2048:
