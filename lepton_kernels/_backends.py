@@ -6,7 +6,9 @@ sentence saying why not. Selection:
 
 * ``backend="auto"`` (the default, overridable with ``LEPTON_KERNELS_BACKEND``) walks the
   backends in order of speed — compiled CUDA, Triton, torch — and takes the first that serves
-  the call. When it has to skip a faster one it says why, once, through ``logging``.
+  the call. When it has to skip a faster one it says why, once, through ``logging``. A
+  backend may also register ``auto_supports``: a check that only "auto" applies, for calls it
+  could serve but where a later backend was measured faster (skipped silently: no fallback).
 * An explicit backend that cannot serve the call raises ``BackendUnavailableError`` with the
   reason. An unknown name raises ``ValueError`` listing the known ones.
 
@@ -44,6 +46,7 @@ class Implementation:
     fn: Callable  # the torch.library op: what torch.compile and fake-tensor tracing see
     supports: SupportsFn
     eager: Optional[Callable] = None  # the same function without the dispatcher hop
+    auto_supports: Optional[SupportsFn] = None  # "auto" only: None, or why another backend is better
 
     def __call__(self, *args):
         # The dispatcher round trip into a Python kernel costs tens of microseconds per call;
@@ -58,17 +61,21 @@ _REGISTRY: Dict[str, Dict[str, Implementation]] = {}
 _EXAMPLES: Dict[str, Callable[[torch.device], Tuple[tuple, dict]]] = {}
 
 
-def register(op: str, backend: str, supports: Optional[SupportsFn] = None, eager: Optional[Callable] = None):
+def register(op: str, backend: str, supports: Optional[SupportsFn] = None, eager: Optional[Callable] = None,
+             auto_supports: Optional[SupportsFn] = None):
     """Decorator: make ``fn`` (a torch.library op) the ``backend`` implementation of ``op``.
 
     ``supports(*args)`` returns ``None`` when the backend can serve the call, else the reason;
-    ``eager`` is the plain Python function behind ``fn``, called directly when not tracing.
+    ``eager`` is the plain Python function behind ``fn``, called directly when not tracing;
+    ``auto_supports(*args)`` (same arguments) returns a reason to leave a call it can serve to
+    the next backend under "auto" (an explicit request still gets this backend).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known backends: {', '.join(BACKENDS)}")
 
     def wrap(fn: Callable) -> Callable:
-        _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, fn, supports or _always, eager)
+        _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, fn, supports or _always, eager,
+                                                               auto_supports)
         return fn
 
     return wrap
@@ -163,12 +170,14 @@ def select(op: str, backend: str, *args, **kwargs) -> Implementation:
             raise BackendUnavailableError(f"{op}: backend {backend!r} cannot serve this call: {reason}")
         return impl
 
-    skipped = []
+    skipped = []  # backends that cannot serve the call, with why
     for name in BACKENDS:
         impl = impls.get(name)
         if impl is None:
             continue
         reason = impl.supports(*args, **kwargs)
+        if reason is None and impl.auto_supports is not None and impl.auto_supports(*args, **kwargs) is not None:
+            continue  # a preference, not a limitation: nothing to warn about
         if reason is None:
             if skipped and not is_compiling():
                 _log_fallback_once(op, name, tuple(skipped))
@@ -182,9 +191,17 @@ def _log_fallback_once(op: str, chosen: str, skipped: Tuple[str, ...]) -> None:
     logger.warning("%s runs on the %s backend (skipped %s)", op, chosen, "; ".join(skipped))
 
 
-def explain(op: str, *args, **kwargs) -> Dict[str, Optional[str]]:
-    """For ``lepton-kernels info``: each backend of ``op`` and why it would not serve a call."""
-    return {name: impl.supports(*args, **kwargs) for name, impl in implementations(op).items()}
+def explain(op: str, *args, auto: bool = False, **kwargs) -> Dict[str, Optional[str]]:
+    """For ``lepton-kernels info``: each backend of ``op`` and why it cannot serve a call
+    (``auto=True``: also why "auto" would leave it to another backend)."""
+    out = {}
+    for name, impl in implementations(op).items():
+        reason = impl.supports(*args, **kwargs)
+        if auto and reason is None and impl.auto_supports is not None:
+            preference = impl.auto_supports(*args, **kwargs)
+            reason = None if preference is None else f"(auto only) {preference}"
+        out[name] = reason
+    return out
 
 
 def trace_as_constant(fn: Callable) -> Callable:

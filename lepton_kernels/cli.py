@@ -77,11 +77,12 @@ class Example:
     backend_args: tuple  # what the public function hands to selection and to every backend
     backend_kwargs: dict
 
-    def reasons(self) -> Dict[str, Optional[str]]:
-        """Each backend -> why it cannot serve the example (None: it can)."""
+    def reasons(self, auto: bool = False) -> Dict[str, Optional[str]]:
+        """Each backend -> why it cannot serve the example (None: it can); ``auto``: also
+        why "auto" would leave the example to another backend."""
         from lepton_kernels import _backends
 
-        return _backends.explain(self.op, *self.backend_args, **self.backend_kwargs)
+        return _backends.explain(self.op, *self.backend_args, auto=auto, **self.backend_kwargs)
 
     def run(self, backend: str, args: tuple, kwargs: dict) -> Any:
         return self.fn(*args, **kwargs, backend=backend)
@@ -174,7 +175,7 @@ def collect_info() -> Dict[str, Any]:
             "auto": None, "skipped": {}, "supports": {}, "error": None,
         }
         try:
-            reasons = prepare_example(op, device).reasons()
+            reasons = prepare_example(op, device).reasons(auto=True)
         except Exception as exc:
             no_example = isinstance(exc, ValueError) and "no registered example" in str(exc)
             entry["error"] = "no registered example" if no_example else f"{type(exc).__name__}: {exc}"

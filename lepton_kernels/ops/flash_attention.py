@@ -19,6 +19,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import _backends, _validate
+from .. import cuda as _cuda
 from .._options import check_mask_options, check_max_seqlen, check_softmax_scale
 from .. import triton as _triton
 from .._library import define_op, lazy
@@ -67,6 +68,54 @@ def _triton_supports(q, *args) -> Optional[str]:
 _triton_op = define_op(f"{OP}_triton", _SCHEMA, _triton_impl, _fake, "CompositeExplicitAutograd")
 _backends.register(OP, "triton", _triton_supports, eager=_triton_impl)(_triton_op)
 
+_cuda_impl = lazy("lepton_kernels.cuda.flash_attention", "flash_attention")
+
+
+def _cuda_supports(q, *args) -> Optional[str]:
+    # Import statement, not lazy(): see _triton_supports. The module imports only torch.
+    from ..cuda import flash_attention as kernel
+
+    if q.dtype not in kernel.DTYPES:
+        return f"the CUDA kernel takes float16 or bfloat16, got {q.dtype}"
+    if q.shape[-1] not in kernel.HEAD_DIMS:
+        dims = ", ".join(str(d) for d in kernel.HEAD_DIMS)
+        return f"the CUDA kernel takes head dims {dims}, got {q.shape[-1]}"
+    reason = _cuda.unavailable_reason(q.device)
+    if reason is not None:
+        return reason
+    if not kernel.has_kernel():
+        return "the compiled extension was built without the flash_attention kernel (rebuild the package)"
+    return None
+
+
+@_backends.trace_as_constant
+def _hopper_or_newer(device: torch.device) -> bool:
+    if device.type != "cuda" or torch.version.hip is not None:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+# Decode-shaped calls (this many queries per sequence or fewer) go to Triton's split-KV path.
+CUDA_MIN_AUTO_QUERIES = 17
+
+
+def _cuda_auto_supports(q, *args) -> Optional[str]:
+    """Calls the CUDA kernel serves but "auto" leaves to Triton, where Triton measured faster."""
+    if _triton_supports(q, *args) is not None:
+        return None  # nothing better to go to
+    if _hopper_or_newer(q.device):
+        return ("on Hopper the Triton kernel (wgmma) is faster than this Ampere-style mma.sync kernel "
+                "(pass backend='cuda' to run it anyway)")
+    max_seqlen_q = args[9]
+    if max_seqlen_q < CUDA_MIN_AUTO_QUERIES:
+        return "decode-shaped calls go to the Triton kernel's split-KV path"
+    return None
+
+
+_cuda_op = define_op(f"{OP}_cuda", _SCHEMA, _cuda_impl, _fake, "CUDA")
+_backends.register(OP, "cuda", _cuda_supports, eager=_cuda_impl, auto_supports=_cuda_auto_supports)(_cuda_op)
+
 
 def flash_attention(
     q: torch.Tensor,
@@ -111,7 +160,8 @@ def flash_attention(
             padding); this is also its ``Sk`` for causal and window alignment.
         return_lse: also return the log-sum-exp of each query's scaled scores.
         backend: "auto" (default; ``LEPTON_KERNELS_BACKEND`` overrides), "cuda", "triton" or
-            "torch".
+            "torch". On Hopper and newer GPUs "auto" prefers Triton to the CUDA kernel (an
+            Ampere-style ``mma.sync`` kernel).
 
     Returns:
         ``out`` with q's shape and dtype, or ``(out, lse)`` with ``lse`` float32 (natural log)
