@@ -13,6 +13,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import _backends, _validate
+from .. import cuda as _cuda
 from .. import triton as _triton
 from .._library import define_op, lazy
 from .flash_attention import (
@@ -70,6 +71,40 @@ def _triton_supports(q, k_cache, *args) -> Optional[str]:
 _triton_op = define_op(f"{OP}_triton", _SCHEMA, _triton_impl, _fake, "CompositeExplicitAutograd")
 _backends.register(OP, "triton", _triton_supports, eager=_triton_impl)(_triton_op)
 
+_cuda_impl = lazy("lepton_kernels.cuda.paged_attention", "paged_attention")
+
+
+def _cuda_supports(q, k_cache, *args) -> Optional[str]:
+    # Decode only: varlen / chunked prefill calls fall through to Triton.
+    from ..cuda.paged_attention import supports
+
+    reason = supports(q, k_cache, *args)
+    if reason is not None:
+        return reason
+    return _cuda.unavailable_reason(q.device)
+
+
+def _cuda_auto_supports(q, k_cache, v_cache, block_table, *args) -> Optional[str]:
+    """Calls the CUDA kernel serves but "auto" leaves to Triton: on an H200 the CUDA kernel was
+    faster only with fp8 caches on batches that fill the GPU without splitting the keys
+    (B=64, L=4k: 1.3x); with 16-bit caches, or split-KV batches, Triton matched or beat it."""
+    if _triton_supports(q, k_cache, v_cache, block_table, *args) is not None:
+        return None  # nothing better to go to
+    if k_cache.dtype != FP8_DTYPE:
+        return "with 16-bit caches the Triton kernel is as fast or faster"
+    from ..cuda.paged_attention import auto_num_splits
+
+    window_left = args[5]
+    splits = auto_num_splits(q.device, q.shape[0], q.shape[1], k_cache.shape[2], q.shape[2], k_cache.dtype,
+                             block_table.shape[1] * k_cache.shape[1], window_left)
+    if splits > 1:
+        return "batches too small to fill the GPU (split-KV) run faster in the Triton kernel"
+    return None
+
+
+_cuda_op = define_op(f"{OP}_cuda", _SCHEMA, _cuda_impl, _fake, "CUDA")
+_backends.register(OP, "cuda", _cuda_supports, eager=_cuda_impl, auto_supports=_cuda_auto_supports)(_cuda_op)
+
 
 def paged_attention(
     q: torch.Tensor,
@@ -115,8 +150,10 @@ def paged_attention(
             kv head (``[Hkv]``), both of the same kind. Required for fp8 caches, rejected
             otherwise.
         return_lse: also return the float32 natural-log log-sum-exp.
-        backend: "auto" (default; ``LEPTON_KERNELS_BACKEND`` overrides), "cuda", "triton" or
-            "torch".
+        backend: "auto" (default; ``LEPTON_KERNELS_BACKEND`` overrides), "cuda" (decode only:
+            one query per sequence, float16/bfloat16 queries, head dims 64/96/128/256, block
+            sizes 8..256; "auto" takes it for fp8 caches on batches that fill the GPU, where it
+            measured faster than Triton), "triton" or "torch".
 
     Returns:
         ``out`` with q's shape and dtype, or ``(out, lse)`` with ``lse`` float32 ``[B, Hq]``
