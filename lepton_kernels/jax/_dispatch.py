@@ -3,14 +3,15 @@
 ``backend`` takes the same role as in the torch API, with JAX's names:
 
 * ``"auto"`` (default; ``LEPTON_KERNELS_JAX_BACKEND`` overrides it) follows
-  ``jax.default_backend()``: on TPU the Mosaic kernel when it serves the call, otherwise the
-  jnp reference. There are no Pallas Mosaic GPU kernels yet, so GPU and CPU run the reference.
-  When a TPU kernel has to be skipped the reason is logged once.
+  ``jax.default_backend()``: on TPU the Mosaic TPU kernel, on GPU the Mosaic GPU kernel, when
+  it serves the call; otherwise (and on CPU) the jnp reference. When a kernel has to be
+  skipped the reason is logged once.
 * ``"tpu"``: the Mosaic TPU kernel. Compiling it needs a TPU, but it can be traced and
   exported anywhere (``jax.export.export(..., platforms=["tpu"])``), so it is not refused on
   other hosts.
 * ``"interpret"``: the same kernel run by Pallas' TPU interpreter (any host; slow; for tests).
-* ``"gpu"``: a Pallas Mosaic GPU kernel (none exists yet, so this raises).
+* ``"gpu"``: the Pallas Mosaic GPU kernel (Hopper; ``lepton_kernels.jax.gpu``), for the ops
+  that have one.
 * ``"reference"``: the jnp reference.
 
 An explicit backend that cannot serve the call raises :class:`BackendUnavailableError` with
@@ -22,7 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import jax
 
@@ -54,11 +55,18 @@ def requested_backend(backend: str) -> str:
     return backend
 
 
-def select(op: str, backend: str, tpu_reason: Optional[str]) -> str:
-    """Pick "tpu", "interpret" or "reference" for one call of ``op``.
+NO_GPU_KERNEL = "no Pallas Mosaic GPU kernel yet"
+
+Reason = Union[Optional[str], Callable[[], Optional[str]]]
+
+
+def select(op: str, backend: str, tpu_reason: Optional[str], gpu_reason: Reason = NO_GPU_KERNEL) -> str:
+    """Pick "tpu", "interpret", "gpu" or "reference" for one call of ``op``.
 
     ``tpu_reason`` is None when the Pallas TPU kernel can serve this call, else a sentence
     saying why not (it applies to "tpu" and "interpret" alike: they run the same kernel).
+    ``gpu_reason`` is the same for the Mosaic GPU kernel; it may be a function returning it,
+    called only when the GPU kernel is a candidate (it may import Mosaic GPU).
     """
     backend = requested_backend(backend)
     if backend == "reference":
@@ -68,16 +76,20 @@ def select(op: str, backend: str, tpu_reason: Optional[str]) -> str:
             raise BackendUnavailableError(f"{op}: backend {backend!r} cannot serve this call: {tpu_reason}")
         return backend
     if backend == "gpu":
-        raise BackendUnavailableError(
-            f"{op} has no Pallas Mosaic GPU kernel yet (it has: tpu, interpret, reference)"
-        )
+        reason = gpu_reason() if callable(gpu_reason) else gpu_reason
+        if reason is not None:
+            raise BackendUnavailableError(f"{op}: backend 'gpu' cannot serve this call: {reason}")
+        return backend
     platform = jax.default_backend()
     if platform == "tpu":
         if tpu_reason is None:
             return "tpu"
         _log_fallback_once(op, f"tpu: {tpu_reason}")
     elif platform == "gpu":
-        _log_fallback_once(op, "gpu: no Pallas Mosaic GPU kernel yet")
+        reason = gpu_reason() if callable(gpu_reason) else gpu_reason
+        if reason is None:
+            return "gpu"
+        _log_fallback_once(op, f"gpu: {reason}")
     return "reference"
 
 

@@ -36,6 +36,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from .. import _dispatch
 from .. import _validate as V
+from ..gpu import flash_attention as gpu_flash
 
 OP = "flash_attention"
 NUM_LANES = 128  # m and l are kept lane-broadcast, one vreg row per query
@@ -388,6 +389,8 @@ def _run(q, k, v, kv_lens, cu_seqlens_q, cu_seqlens_k, *, impl, scale, softcap, 
         return flash_attention_reference(q, k, v, causal=causal, window=window, softcap=softcap, softmax_scale=scale,
                                          kv_lens=kv_lens, cu_seqlens_q=cu_seqlens_q,
                                          cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
+    if impl == "gpu":
+        return gpu_flash.flash_attention_gpu(q, k, v, scale=scale, causal=causal, return_lse=return_lse)
     options = dict(scale=scale, softcap=softcap, causal=causal, window=window, return_lse=return_lse,
                    block_sizes=block_sizes, interpret=_dispatch.interpret_params() if impl == "interpret" else False)
     if cu_seqlens_q is not None:
@@ -427,7 +430,9 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: Optional[fl
             ``[B, Hq, Sq]`` (padded) or ``[Hq, Tq]`` (varlen).
         block_sizes: :class:`FlashBlockSizes` for the TPU kernel; default per TPU generation.
         backend: "auto" (default), "tpu", "interpret", "gpu" or "reference"; see
-            ``lepton_kernels.jax._dispatch``.
+            ``lepton_kernels.jax._dispatch``. The Mosaic GPU kernel (Hopper) serves the padded
+            layout in float16/bfloat16 with head dims 64/128/256, causal or not, with GQA and
+            lse; varlen, ``kv_lens``, windows and softcap run on the reference there.
 
     Returns:
         out with q's shape and dtype, or ``(out, lse)``. A query that sees no key gets
@@ -476,7 +481,9 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: Optional[fl
     if block_sizes is not None and not isinstance(block_sizes, FlashBlockSizes):
         raise TypeError(f"block_sizes must be a FlashBlockSizes or None, got {type(block_sizes).__name__}")
 
-    impl = _dispatch.select(OP, backend, _tpu_unavailable_reason(q, varlen, max_seqlens_given))
+    gpu_reason = functools.partial(gpu_flash.unavailable_reason, q, k, causal=causal, window=(left, right),
+                                   softcap=softcap, scale=softmax_scale, kv_lens=kv_lens, varlen=varlen)
+    impl = _dispatch.select(OP, backend, _tpu_unavailable_reason(q, varlen, max_seqlens_given), gpu_reason)
     return _run(q, k, v, kv_lens, cu_seqlens_q, cu_seqlens_k, impl=impl, scale=softmax_scale, softcap=softcap,
                 causal=causal, window=(left, right), return_lse=return_lse, max_seqlen_q=max_seqlen_q,
                 max_seqlen_k=max_seqlen_k, block_sizes=block_sizes)
