@@ -189,6 +189,41 @@ def test_gpu_features(d, dtype, feature):
         check(_args(q, k, v, kv_lens=lens, **opts))
 
 
+# Lengths one short of, at and one past the tile sizes (BLOCK_M 64/128, BLOCK_N 64/128), where a
+# row tile of a warp or a whole warp falls past the sequence's end or outside the mask.
+TILE_EDGE_SHAPES = [(1, 65), (63, 64), (65, 63), (127, 129), (129, 127), (191, 320), (257, 64), (320, 191)]
+TILE_EDGE_MASKS = {
+    "none": dict(),
+    "causal": dict(causal=True),
+    "window-16-0": dict(window=(16, 0)),   # narrow band: whole warps skip most key tiles
+    "window-0-70": dict(window=(0, 70)),   # band above the diagonal only
+}
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("mask", list(TILE_EDGE_MASKS))
+@pytest.mark.parametrize("d", HEAD_DIMS)
+def test_gpu_tile_edges(d, mask):
+    for i, (sq, sk) in enumerate(TILE_EDGE_SHAPES):
+        hq, hkv = HEADS[i % 3]
+        dtype = (torch.float16, torch.bfloat16)[i % 2]
+        q, k, v = qkv(2, sq, sk, hq, hkv, d, dtype)
+        check(_args(q, k, v, **TILE_EDGE_MASKS[mask]))
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("scale", [0.0, -0.1])
+def test_gpu_nonpositive_scale(scale):
+    # The kernel folds a positive scale into the exponent; zero and negative scales (which
+    # reorder the scores) take the other path.
+    for d in (64, 128):
+        q, k, v = qkv(2, 129, 200, 4, 2, d, torch.bfloat16)
+        check(_args(q, k, v, causal=True, scale=scale))
+        check(_args(q, k, v, window=(30, 30), scale=scale))
+
+
 @pytest.mark.gpu
 @needs_kernel
 def test_gpu_odd_views_and_wide_windows():
