@@ -1,5 +1,5 @@
-"""Benchmark of ``quant_matmul``: the Triton kernels of each scheme against cuBLAS bf16 and the
-scheme's own PyTorch anchor.
+"""Benchmark of ``quant_matmul``: the Triton kernels of each scheme, and the compiled CUDA kernel of
+the weight-only schemes at M <= 16, against cuBLAS bf16 and the scheme's own PyTorch anchor.
 
 Shapes: bf16 activations ``x [M, K]``, weights ``N x K`` in {4096x4096, 6144x4096, 14336x4096,
 4096x14336}, M in {1, 2, 4, ..., 4096} (quick: 14336x4096 with M in {1, 16, 256, 4096}).
@@ -39,9 +39,16 @@ PORTABLE_MS = (1, 16)  # w4a16 without the PTX dequantizer, on PORTABLE_SHAPES
 PORTABLE_SHAPES = ((4096, 4096), (14336, 4096))
 OTHER_PATH_MIN_M = 256  # weight-only: also time the path the heuristic did not pick
 EAGER_COLUMN = "eager µs/call"
+# Up to this M (decode and small batches, which serving engines replay as CUDA graphs) every
+# row, anchors included, is timed as a graph of back-to-back calls: GPU time, no launch gaps.
+GRAPH_MAX_M = 256
 
 LABELS = {"w4a16": f"triton w4a16 g{GROUP_SIZE}", "w8a16": "triton w8a16", "w8a8": "triton w8a8",
           "fp8": "triton fp8"}
+# The compiled kernel: weight-only schemes, M <= CUDA_MAX_M (lepton_kernels.cuda.quant_matmul.MAX_M).
+CUDA_LABELS = {"w4a16": f"cuda w4a16 g{GROUP_SIZE}", "w8a16": "cuda w8a16"}
+CUDA_MAX_M = 16
+OUR_BACKENDS = ("triton", "cuda")
 ANCHOR_CUBLAS = "anchor: cuBLAS bf16"
 SCHEME_ANCHORS = {"w4a16": f"anchor: tinygemm int4 g{GROUP_SIZE}", "w8a8": "anchor: torch._int_mm",
                   "fp8": "anchor: torch._scaled_mm rowwise"}
@@ -53,7 +60,8 @@ NOTES = [
     "Bytes counted (GB/s, % copy): the weight's bytes only — packed values + scales (bf16: N·K·2; w4a16: "
     "N·K/2 + 2·N·K/128; w8a16: N·K + 2·N; w8a8/fp8: N·K + 4·N). That is the floor-setting traffic at small M; "
     "at large M read TFLOP/s.",
-    "Our rows time the public op (`quant_matmul(x, qw, backend=\"triton\")`), including the per-token "
+    "Our rows time the public op (`quant_matmul(x, qw, backend=\"triton\")`, and `backend=\"cuda\"` for the "
+    f"`cuda` rows of w4a16/w8a16 at M <= {CUDA_MAX_M}), including the per-token "
     "activation quantization of w8a8/fp8 (a second kernel). The `torch._int_mm` and `torch._scaled_mm` "
     "anchors get already-quantized activations (GEMM + scaling only); `_scaled_mm` runs with "
     "use_fast_accum=False, its default (our fp8 kernel also adds each 128-deep step into fp32).",
@@ -63,6 +71,8 @@ NOTES = [
     "one (the default on NVIDIA GPUs). `[fused]` / `[dequant+cuBLAS]`: the weight-only path the heuristic did "
     "not pick at that M (it dequantizes once and calls cuBLAS from M = "
     "lepton_kernels.triton.quant_matmul.DEQUANT_MIN_M).",
+    f"M <= {GRAPH_MAX_M}: every row, anchors included, is timed as a CUDA graph of back-to-back calls (how "
+    "decode steps run in serving engines): GPU time without launch gaps.",
     f"`{EAGER_COLUMN}` (M = 1): back-to-back eager calls through the public API; above the median (GPU time) "
     "it is the host's Python and dispatch cost that limits a decode step.",
 ]
@@ -130,13 +140,13 @@ def _xs(m: int, k: int, sets: int, device) -> List[torch.Tensor]:
 
 # -- our rows ---------------------------------------------------------------------------------------
 
-def _ours(config: Optional[Dict[str, Any]] = None, asm: Optional[bool] = None) -> Callable:
+def _ours(config: Optional[Dict[str, Any]] = None, asm: Optional[bool] = None, backend: str = "triton") -> Callable:
     from ..ops.quant_matmul import quant_matmul
     from ..triton import quant_matmul as tq
 
     if config is None and asm is None:
         def call(x, qw):
-            return quant_matmul(x, qw, backend="triton")
+            return quant_matmul(x, qw, backend=backend)
         return call
 
     def call_with(x, qw):
@@ -221,7 +231,7 @@ def _time_row(harness: Harness, label: str, case: Case, fn: Callable, inputs: Li
               *, is_anchor: bool = False, eager: bool = False) -> Row:
     fn(*inputs[0])  # fails here when the backend refuses the inputs
     torch.cuda.synchronize()
-    timing = harness.time(fn, inputs)
+    timing = harness.time(fn, inputs, method="graph" if case.m <= GRAPH_MAX_M else "auto")
     row = Row.from_timing(OP, label, case.shape(), timing, bytes=num_bytes, flops=case.flops, is_anchor=is_anchor)
     if eager:
         row.extra[EAGER_COLUMN] = harness.time(fn, inputs, method="eager loop").median_us
@@ -272,6 +282,9 @@ def run(harness: Harness, quick: bool = False) -> List[Row]:
                 nbytes = weight_bytes(scheme, n, k)
                 _try_row(harness, case_rows, LABELS[scheme], case, lambda: (_ours(), pair(qws)), nbytes,
                          eager=m == 1)
+                if scheme in CUDA_LABELS and m <= CUDA_MAX_M:
+                    _try_row(harness, case_rows, CUDA_LABELS[scheme], case,
+                             lambda: (_ours(backend="cuda"), pair(qws)), nbytes, eager=m == 1)
                 if scheme == "w4a16" and m in PORTABLE_MS and (n, k) in PORTABLE_SHAPES:
                     _try_row(harness, case_rows, LABELS[scheme] + " [portable dequant]", case,
                              lambda: (_ours(asm=False), pair(qws)), nbytes)
@@ -296,7 +309,7 @@ def run(harness: Harness, quick: bool = False) -> List[Row]:
                 if row is not None:
                     anchor_us[scheme] = row.median_us
             for row in case_rows:
-                if not row.backend.startswith("triton") or row.method == "n/a":
+                if not row.backend.startswith(OUR_BACKENDS) or row.method == "n/a":
                     continue
                 scheme = row.backend.split()[1]
                 if scheme in anchor_us:

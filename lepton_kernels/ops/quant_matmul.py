@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from .. import _backends, _validate
+from .. import cuda as _cuda
 from .. import triton as _triton
 from .._library import define_op, lazy
 from ..quant.weight import QuantizedWeight, quantize_weight
@@ -47,6 +48,20 @@ def _triton_supports(x, *args) -> Optional[str]:
 
 _triton_op = define_op(f"{OP}_triton", SCHEMA, _triton_impl, fake, "CompositeExplicitAutograd")
 _backends.register(OP, "triton", _triton_supports, eager=_triton_impl)(_triton_op)
+
+# The compiled kernel serves the weight-only schemes for up to 16 tokens (decode); it declines
+# the rest, which "auto" hands to Triton.
+_cuda_impl = lazy("lepton_kernels.cuda.quant_matmul", "quant_matmul")
+_cuda_kernel_supports = lazy("lepton_kernels.cuda.quant_matmul", "supports")
+
+
+def _cuda_supports(x, *args) -> Optional[str]:
+    reason = _cuda.unavailable_reason(x.device)
+    return reason if reason is not None else _cuda_kernel_supports(x, *args)
+
+
+_cuda_op = define_op(f"{OP}_cuda", SCHEMA, _cuda_impl, fake, "CUDA")
+_backends.register(OP, "cuda", _cuda_supports, eager=_cuda_impl)(_cuda_op)
 
 
 def quant_matmul(

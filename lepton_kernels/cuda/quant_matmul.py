@@ -1,0 +1,212 @@
+"""Launch the compiled weight-only matmul for a few tokens (``csrc/quant/quant_gemv.h``).
+
+Serves w4a16 (``int4_k8``: group sizes 32, 64, 128 or per channel, with or without zero points)
+and w8a16 (``rowmajor`` int8) for float16/bfloat16 activations and M <= 16 tokens, the
+memory-bound decode case where every weight byte is read once; larger batches go to the Triton
+kernels (``supports`` says so, and "auto" moves on).
+
+The block plan (how many blocks along N and along K) is chosen here, from the shapes and the SM
+count, so it can be tuned without rebuilding: a block's 8 warps each own
+``rows_per_warp(M)`` weight rows, some side by side along N (``warps_n``), the rest splitting
+its K range; when the row tiles alone cannot fill the GPU, K is also split across blocks, whose
+fp32 partials the last block of each row tile sums (in split order: deterministic) through a
+workspace and a per-stream counter buffer that the kernel leaves at zero (CUDA-graph safe;
+concurrent calls must be on different streams, and a graph uses the counters of the stream
+it was captured on, so its replays must not overlap calls on that stream).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .._backends import is_compiling
+from . import DTYPE_CODES, _C, current_stream
+
+MAX_M = 16  # kQuantGemvMaxM in quant_gemv.h
+STEP_K = 128  # input channels per warp step
+WARPS = 8
+BLOCKS_PER_SM = 2  # resident blocks per SM at the kernel's register budget
+MAX_SPLITS = 32
+BLOCK_ROWS = 64  # weight rows per block the heuristic aims for
+FULL_FRACTION = 0.75  # of the resident slots: row tiles filling this many are not split along K
+COUNTERS_MIN = 1 << 12
+_VEC = {"w4a16": 4, "w8a16": 16}  # packed elements per 16 bytes
+_LAYOUTS = {"w4a16": "int4_k8", "w8a16": "rowmajor"}
+_K_MULTIPLE = {"w4a16": 32, "w8a16": 16}  # input channels per 16-byte load
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    warps_n: int  # warps of a block side by side along N; the other warps split its K range
+    row_tiles: int  # blocks along N
+    splits: int  # blocks along K
+    steps_per_split: int  # 128-channel steps per block along K
+    prefetch: bool = True  # load a step's weights while the previous step computes
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def rows_per_warp(m: int, int4: bool) -> int:
+    """Weight rows a warp owns (quant_gemv_rows_per_warp in quant_gemv.h)."""
+    return (64 if m <= 8 else 32) // (1 if int4 else 2)
+
+
+def choose_plan(m: int, n: int, k: int, int4: bool, sm_count: int, warps_n: Optional[int] = None,
+                splits: Optional[int] = None, prefetch: bool = True) -> Plan:
+    """The heuristic (``warps_n``/``splits``/``prefetch`` force those choices: tests, tuning)."""
+    per_warp = rows_per_warp(m, int4)
+    if warps_n is None:
+        # Blocks of 64 weight rows measured best on H200 for every scheme and M (more rows per
+        # block leave too few blocks; fewer make more warps re-read x). No wider than N needs.
+        warps_n = max(1, BLOCK_ROWS // per_warp)
+        while warps_n > 1 and per_warp * (warps_n // 2) >= n:
+            warps_n //= 2
+    row_tiles = _cdiv(n, per_warp * warps_n)
+    steps = _cdiv(k, STEP_K)
+    if splits is None:
+        # Split K only when the row tiles leave many resident slots idle, and then into as many
+        # splits as still fit in one wave: a second partial wave costs more than it fills.
+        slots = BLOCKS_PER_SM * sm_count
+        splits = 1
+        if row_tiles < FULL_FRACTION * slots:
+            most = max(1, steps // (WARPS // warps_n))  # at least one step per warp
+            splits = max(1, min(slots // row_tiles, most, MAX_SPLITS))
+    per_split = _cdiv(steps, max(1, min(splits, steps)))
+    return Plan(warps_n, row_tiles, _cdiv(steps, per_split), per_split, prefetch)
+
+
+_OVERRIDES: Dict[str, object] = {}
+_OVERRIDABLE = ("warps_n", "splits", "prefetch")
+
+
+def set_plan_overrides(**fields) -> Dict[str, object]:
+    """Force ``warps_n``, ``splits`` and/or ``prefetch`` on every following call (tests,
+    tuning); no arguments clears them. Returns the previous overrides."""
+    unknown = set(fields) - set(_OVERRIDABLE)
+    if unknown:
+        raise ValueError(f"unknown plan fields {sorted(unknown)} (known: {', '.join(_OVERRIDABLE)})")
+    previous = dict(_OVERRIDES)
+    _OVERRIDES.clear()
+    _OVERRIDES.update(fields)
+    return previous
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_plan(m: int, n: int, k: int, int4: bool, sm_count: int) -> Plan:
+    return choose_plan(m, n, k, int4, sm_count)
+
+
+def _plan(m: int, n: int, k: int, int4: bool, device: torch.device) -> Plan:
+    sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if _OVERRIDES:
+        return choose_plan(m, n, k, int4, sm_count, **_OVERRIDES)
+    return _cached_plan(m, n, k, int4, sm_count)
+
+
+# Split-K arrival counters, one buffer per (device, stream); the kernel leaves them at zero.
+_COUNTERS: Dict[Tuple[int, int], torch.Tensor] = {}
+# Outgrown buffers stay allocated: a captured CUDA graph may still point at one.
+_RETIRED: List[torch.Tensor] = []
+
+
+def _counters(device: torch.device, count: int) -> torch.Tensor:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, current_stream(device))
+    buf = _COUNTERS.get(key)
+    if buf is not None and buf.numel() >= count:
+        return buf
+    if torch.cuda.is_current_stream_capturing():
+        # Its zero fill is captured, not run: eager calls must not see this buffer, but the
+        # graph zeroes it on every replay before the kernel.
+        return torch.zeros(count, dtype=torch.int32, device=device)
+    if buf is not None:
+        _RETIRED.append(buf)
+    buf = torch.zeros(max(count, COUNTERS_MIN), dtype=torch.int32, device=device)
+    _COUNTERS[key] = buf
+    return buf
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer the kernel writes is allocated here (tests fill them with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _rows_aligned(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its rows are 16-byte aligned with a unit inner stride, else a copy."""
+    m = x.shape[0]
+    if x.stride(1) == 1 and (m == 1 or x.stride(0) % 8 == 0) and x.data_ptr() % 16 == 0:
+        return x
+    out = torch.empty((m, x.shape[1]), dtype=x.dtype, device=x.device)
+    return out.copy_(x)
+
+
+def supports(x, packed, scales, zeros, perm, bias, scheme, layout, group_size, n, k) -> Optional[str]:
+    """None when the compiled kernel serves the (validated) call, else the reason. Looks at
+    metadata only (works on meta tensors); whether the extension runs on ``x``'s device is
+    checked by the caller."""
+    if scheme not in _LAYOUTS:
+        return (f"the CUDA kernel serves the weight-only schemes w4a16 and w8a16, not {scheme} "
+                "(its activations are quantized per token: the Triton kernels serve it)")
+    if layout != _LAYOUTS[scheme]:
+        return f"the CUDA kernel reads {scheme} weights in the {_LAYOUTS[scheme]!r} layout, got {layout!r}"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUDA kernel takes float16 or bfloat16 activations, got {x.dtype}"
+    m = x.shape[0]
+    if m > MAX_M:
+        return (f"the CUDA kernel serves up to {MAX_M} tokens (rows of x), got {m}; larger batches run "
+                "on the Triton tensor-core kernels")
+    multiple = _K_MULTIPLE[scheme]
+    if k % multiple:
+        return (f"the CUDA {scheme} kernel reads {multiple} input channels per 16-byte load and needs "
+                f"K % {multiple} == 0, got K={k}")
+    vec = _VEC[scheme]
+    # Dynamo cannot trace storage_offset(): under torch.compile only the strides are checked
+    # here (the C++ launcher still checks the pointer's alignment and raises).
+    offset = 0 if is_compiling() else packed.storage_offset()
+    if packed.stride(1) != 1 or (n > 1 and packed.stride(0) % vec) or offset % vec:
+        return (f"the CUDA kernel needs 16-byte aligned rows of packed (unit inner stride, rows a multiple "
+                f"of {vec} elements apart), got strides {tuple(packed.stride())} and storage offset {offset}")
+    return None
+
+
+def quant_matmul(x, packed, scales, zeros, perm, bias, scheme, layout, group_size, n, k) -> torch.Tensor:
+    """x ``[M, K]`` (float16/bfloat16, M <= 16) and a weight's stored tensors -> ``[M, N]``."""
+    if perm is not None:  # stored channel j is original channel perm[j]
+        x = x.index_select(1, perm)
+    x = _rows_aligned(x)
+    m = x.shape[0]
+    int4 = scheme == "w4a16"
+    device = x.device
+    plan = _plan(m, n, k, int4, device)
+    out = _empty((m, n), x.dtype, device)
+    # The workspace tensor must outlive the launch: freed earlier, the allocator could hand its
+    # memory to the next allocation on this stream (the counters themselves on a first call),
+    # and the partials would overwrite it.
+    workspace = counters = None
+    if plan.splits > 1:
+        counters = _counters(device, plan.row_tiles)
+        workspace = _empty((plan.splits * m * n,), torch.float32, device)
+    has_zeros = zeros is not None
+    has_bias = bias is not None
+    _C.quant_gemv(
+        x.data_ptr(), x.stride(0), packed.data_ptr(), packed.stride(0),
+        scales.data_ptr(), scales.stride(0), scales.stride(1), DTYPE_CODES[scales.dtype],
+        zeros.data_ptr() if has_zeros else 0, zeros.stride(0) if has_zeros else 0,
+        zeros.stride(1) if has_zeros else 0,
+        bias.data_ptr() if has_bias else 0, bias.stride(0) if has_bias else 0,
+        out.data_ptr(), out.stride(0), 0 if workspace is None else workspace.data_ptr(),
+        0 if counters is None else counters.data_ptr(),
+        m, n, k, group_size if int4 else -1, int4, DTYPE_CODES[x.dtype],
+        plan.warps_n, plan.row_tiles, plan.splits, plan.steps_per_split, plan.prefetch, current_stream(device),
+    )
+    return out

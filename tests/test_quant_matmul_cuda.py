@@ -1,0 +1,420 @@
+"""The compiled weight-only quant_matmul (w4a16, w8a16; M <= 16) against float64 references.
+
+CPU: ``supports`` (its reasons, on CPU and meta tensors), the block-plan heuristic, and that
+"auto" never picks the compiled backend for what it declines. GPU (``-m gpu``): every scheme,
+group size, symmetry, activation and scale dtype, M from 1 to 16, odd N, K tails, bias,
+act-order, strided and misaligned x, forced split-K plans, poisoned buffers, determinism, CUDA
+graphs and torch.compile.
+"""
+from __future__ import annotations
+
+import types
+import weakref
+
+import pytest
+import torch
+
+import lepton_kernels as lk
+from lepton_kernels import _backends
+from lepton_kernels import cuda as compiled
+from lepton_kernels.cuda import quant_matmul as cq
+from lepton_kernels.ops.quant_matmul import OP, quant_matmul
+from lepton_kernels.quant.weight import QuantizedWeight, quantize_weight
+
+from ._utils import poisoned
+
+CUDA_OK = torch.cuda.is_available() and compiled.unavailable_reason(torch.device("cuda")) is None
+needs_kernel = pytest.mark.skipif(not CUDA_OK, reason="the compiled CUDA kernels cannot run here")
+
+W4 = [(32, True), (32, False), (64, True), (64, False), (128, True), (128, False), (-1, True), (-1, False)]
+SCHEMES = [("w4a16", g, sym) for g, sym in W4] + [("w8a16", -1, True)]
+DTYPES = [torch.float16, torch.bfloat16]
+MS = [1, 2, 3, 7, 8, 9, 16]
+
+
+def _qw(n, k, scheme, group_size=-1, symmetric=True, dtype=torch.float16, device="cuda"):
+    w = torch.randn(n, k, device=device) * 0.05
+    return quantize_weight(w.to(dtype), scheme, group_size=group_size, symmetric=symmetric)
+
+
+def _reference(x, qw, bias=None):
+    """float64 ``x @ dequantize(W)^T + bias``, unrounded."""
+    ref = x.double() @ qw.dequantize(torch.float64).t()
+    return ref if bias is None else ref + bias.double()
+
+
+def _check(out, ref, dtype):
+    """The accuracy rule: mean|C - C_ref| / mean|C_ref| below 1e-3 (float16) or 4e-3 (bfloat16)."""
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert not out.isnan().any(), "NaN in the output (unwritten elements?)"
+    rel = ((out.double() - ref).abs().mean() / ref.abs().mean()).item()
+    tol = 1e-3 if dtype == torch.float16 else 4e-3
+    assert rel < tol, f"mean relative error {rel:.3g} >= {tol:g}"
+
+
+def _args(x, qw, bias=None):
+    """The normalized arguments every backend and its ``supports`` receive."""
+    return (x.reshape(-1, qw.k), qw.packed, qw.scales, qw.zeros, qw.perm, bias, qw.scheme, qw.layout,
+            qw.group_size, qw.n, qw.k)
+
+
+@pytest.fixture
+def plan_overrides():
+    yield cq.set_plan_overrides
+    cq.set_plan_overrides()
+
+
+# -- CPU: supports, plan ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_supports_accepts_weight_only(device):
+    for scheme, group_size, symmetric in SCHEMES:
+        qw = _qw(96, 256, scheme, group_size, symmetric, device="cpu").to(device)
+        for dtype in DTYPES:
+            for m in (1, 16):
+                x = torch.empty(m, 256, dtype=dtype, device=device)
+                assert cq.supports(*_args(x, qw)) is None
+
+
+def test_supports_reasons():
+    x = torch.randn(4, 256, dtype=torch.float16)
+    for scheme in ("w8a8", "fp8"):
+        qw = _qw(64, 256, scheme, device="cpu")
+        assert "weight-only schemes w4a16 and w8a16" in cq.supports(*_args(x, qw))
+    qw = _qw(64, 256, "w4a16", 64, device="cpu")
+    args = list(_args(x, qw))
+    args[7] = "rowmajor"
+    assert "'int4_k8' layout, got 'rowmajor'" in cq.supports(*args)
+    assert "float16 or bfloat16 activations, got torch.float32" in cq.supports(*_args(x.float(), qw))
+    reason = cq.supports(*_args(torch.randn(17, 256, dtype=torch.float16), qw))
+    assert "up to 16 tokens" in reason and "got 17" in reason and "Triton" in reason
+    # K within the layout's rules but not a whole 16-byte load per lane
+    assert "K % 32 == 0, got K=40" in cq.supports(*_args(torch.randn(2, 40, dtype=torch.float16),
+                                                         _qw(32, 40, "w4a16", -1, device="cpu")))
+    assert "K % 16 == 0, got K=24" in cq.supports(*_args(torch.randn(2, 24, dtype=torch.float16),
+                                                         _qw(32, 24, "w8a16", device="cpu")))
+
+
+def test_supports_needs_aligned_weight_rows():
+    qw = _qw(64, 256, "w4a16", 128, device="cpu")
+    x = torch.randn(2, 256, dtype=torch.float16)
+    wide = torch.zeros(64, 33, dtype=torch.int32)[:, :32]  # rows 33 words apart
+    shifted = torch.zeros(64 * 32 + 1, dtype=torch.int32)[1:].view(64, 32)  # 4-byte storage offset
+    for packed in (wide, shifted):
+        view = QuantizedWeight(packed, qw.scales, None, scheme="w4a16", group_size=128, shape=(64, 256),
+                               dtype=torch.float16)
+        assert "16-byte aligned rows of packed" in cq.supports(*_args(x, view))
+
+
+def test_cpu_inputs_are_declined_with_the_reason():
+    qw = _qw(64, 256, "w8a16", device="cpu")
+    x = torch.randn(2, 256, dtype=torch.float16)
+    assert "compiled kernels need CUDA tensors" in _backends.explain(OP, *_args(x, qw))["cuda"]
+    with pytest.raises(lk.BackendUnavailableError, match="backend 'cuda' cannot serve this call"):
+        quant_matmul(x, qw, backend="cuda")
+    assert torch.equal(quant_matmul(x, qw), quant_matmul(x, qw, backend="torch"))
+
+
+def test_plan_heuristic_invariants():
+    for m in (1, 2, 4, 5, 8, 9, 16):
+        for n, k in ((1, 128), (96, 256), (97, 4096), (4096, 4096), (14336, 4096), (4096, 14336), (128, 64)):
+            for int4 in (True, False):
+                for sms in (1, 132):
+                    plan = cq.choose_plan(m, n, k, int4, sms)
+                    steps = -(-k // cq.STEP_K)
+                    rows = cq.rows_per_warp(m, int4) * plan.warps_n
+                    assert plan.warps_n in (1, 2, 4, 8)
+                    assert plan.row_tiles == -(-n // rows)
+                    assert plan.splits * plan.steps_per_split >= steps > (plan.splits - 1) * plan.steps_per_split
+                    assert 1 <= plan.splits <= cq.MAX_SPLITS
+    # Forced choices stay consistent (no empty split).
+    plan = cq.choose_plan(3, 96, 1024, True, 132, warps_n=8, splits=5, prefetch=False)
+    assert plan.warps_n == 8 and plan.splits * plan.steps_per_split >= 8 > (plan.splits - 1) * plan.steps_per_split
+    assert not plan.prefetch and cq.choose_plan(3, 96, 1024, True, 132).prefetch
+    with pytest.raises(ValueError, match="unknown plan fields"):
+        cq.set_plan_overrides(block_n=64)
+
+
+def test_plan_heuristic_h200_choices():
+    """The plans the H200 sweep measured fastest: 64-row blocks, no split when the row tiles
+    about fill the resident slots, else as many splits as one wave holds."""
+    h200 = 132
+    for n, k, m, int4, want in ((14336, 4096, 1, True, (1, 1)), (14336, 4096, 16, True, (2, 1)),
+                                (4096, 14336, 4, True, (1, 4)), (4096, 14336, 16, True, (2, 4)),
+                                (4096, 4096, 16, True, (2, 4)), (14336, 4096, 1, False, (2, 1)),
+                                (14336, 4096, 16, False, (4, 1))):
+        plan = cq.choose_plan(m, n, k, int4, h200)
+        assert (plan.warps_n, plan.splits) == want, (n, k, m, int4, plan)
+        assert plan.row_tiles * plan.splits <= cq.BLOCKS_PER_SM * h200
+
+
+def test_split_k_buffers_outlive_the_launch(monkeypatch):
+    """The workspace and counters must still be allocated when the kernel is enqueued: a
+    tensor freed before the launch lends its memory to the next allocation on the stream."""
+    live = []
+    seen = {}
+
+    def fake_empty(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype)
+        live.append(weakref.ref(t))
+        return t
+
+    def fake_launch(*args):
+        seen["workspace"], seen["counters"] = args[15], args[16]
+        seen["alive"] = all(ref() is not None for ref in live)
+
+    plan = cq.Plan(warps_n=1, row_tiles=2, splits=3, steps_per_split=1)
+    counters = torch.zeros(cq.COUNTERS_MIN, dtype=torch.int32)
+    monkeypatch.setattr(cq, "_empty", fake_empty)
+    monkeypatch.setattr(cq, "_plan", lambda *args: plan)
+    monkeypatch.setattr(cq, "_counters", lambda device, count: counters)
+    monkeypatch.setattr(cq, "current_stream", lambda device: 0)
+    monkeypatch.setattr(cq, "_C", types.SimpleNamespace(quant_gemv=fake_launch))
+    qw = _qw(96, 384, "w4a16", 128, device="cpu")
+    cq.quant_matmul(*_args(torch.randn(2, 384, dtype=torch.float16), qw))
+    assert len(live) == 2 and seen["alive"]
+    assert seen["workspace"] != 0 and seen["counters"] == counters.data_ptr()
+
+
+# -- GPU ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("scheme,group_size,symmetric", SCHEMES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_reference(scheme, group_size, symmetric, dtype):
+    # Odd N; K a multiple of the group (and 32) but not of the 128-channel step where allowed.
+    k = 384 if group_size == 128 else 320 if scheme == "w4a16" else 336
+    n = 97
+    qw = _qw(n, k, scheme, group_size, symmetric, dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    for m in MS:
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        for b in (None, bias):
+            out = quant_matmul(x, qw, b, backend="cuda")
+            _check(out, _reference(x, qw, b), dtype)
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scheme,group_size", [("w4a16", 32), ("w4a16", 128), ("w4a16", -1), ("w8a16", -1)])
+def test_scale_dtypes(scheme, group_size, weight_dtype):
+    """Scales are stored in the weight's dtype, which need not be x's."""
+    qw = _qw(200, 512, scheme, group_size, False if scheme == "w4a16" else True, dtype=weight_dtype)
+    assert qw.scales.dtype == weight_dtype
+    for dtype in DTYPES:
+        x = torch.randn(5, 512, device="cuda", dtype=dtype)
+        _check(quant_matmul(x, qw, backend="cuda"), _reference(x, qw), dtype)
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_zero_points_span_0_to_16(group_size):
+    """GPTQ v1 checkpoints can store a zero point of 16: the kernel must not assume 4 bits."""
+    n, k = 64, 256
+    qw = _qw(n, k, "w4a16", group_size, False)
+    zeros = torch.randint(0, 17, qw.zeros.shape, device="cuda", dtype=torch.uint8)
+    zeros[0] = 16
+    zeros[1] = 0
+    qw = QuantizedWeight(qw.packed, qw.scales, zeros, scheme="w4a16", group_size=group_size, shape=(n, k),
+                         dtype=qw.dtype)
+    for dtype in DTYPES:
+        x = torch.randn(3, k, device="cuda", dtype=dtype)
+        _check(quant_matmul(x, qw, backend="cuda"), _reference(x, qw), dtype)
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("scheme,group_size,symmetric", [("w4a16", 64, False), ("w4a16", 128, True),
+                                                         ("w8a16", -1, True)])
+@pytest.mark.parametrize("warps_n,splits,prefetch", [(1, 3, True), (2, 2, False), (4, 5, True), (8, 1, True),
+                                                     (1, 8, False), (1, 1, False)])
+def test_forced_plans(plan_overrides, scheme, group_size, symmetric, warps_n, splits, prefetch):
+    """Every block arrangement, split K included, with and without prefetching, gives the
+    right answer."""
+    n, k = 300, 1024
+    qw = _qw(n, k, scheme, group_size, symmetric, dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    plan_overrides(warps_n=warps_n, splits=splits, prefetch=prefetch)
+    for m in (1, 6, 16):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        _check(quant_matmul(x, qw, bias, backend="cuda"), _reference(x, qw, bias), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@needs_kernel
+def test_split_k_is_deterministic_and_resets_counters(plan_overrides):
+    qw = _qw(256, 2048, "w4a16", 128, True, dtype=torch.float16)
+    x = torch.randn(4, 2048, device="cuda", dtype=torch.float16)
+    plan_overrides(splits=7)
+    first = quant_matmul(x, qw, backend="cuda")
+    for _ in range(5):
+        assert torch.equal(quant_matmul(x, qw, backend="cuda"), first)
+    torch.cuda.synchronize()
+    for buf in cq._COUNTERS.values():
+        assert int(buf.abs().sum()) == 0
+
+
+@pytest.mark.gpu
+@needs_kernel
+def test_poisoned_buffers(monkeypatch, plan_overrides):
+    """Output and split-K workspace start as NaN: every element read must have been written."""
+    monkeypatch.setattr(cq, "_empty", lambda shape, dtype, device: poisoned(*shape, dtype=dtype, device=device))
+    for splits in (1, 4):
+        plan_overrides(splits=splits)
+        for scheme, group_size, symmetric in [("w4a16", 32, False), ("w4a16", 128, True), ("w8a16", -1, True)]:
+            qw = _qw(131, 512, scheme, group_size, symmetric)
+            for m in (1, 9, 16):
+                x = torch.randn(m, 512, device="cuda", dtype=torch.float16)
+                _check(quant_matmul(x, qw, backend="cuda"), _reference(x, qw), torch.float16)
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("scheme,group_size", [("w4a16", 64), ("w8a16", -1)])
+def test_act_order(scheme, group_size):
+    """``perm`` gathers x's columns once per call; the weight is never touched."""
+    n, k = 96, 512
+    base = _qw(n, k, scheme, group_size, scheme == "w8a16", dtype=torch.bfloat16)
+    perm = torch.randperm(k, device="cuda").to(torch.int32)
+    qw = QuantizedWeight(base.packed, base.scales, base.zeros, scheme=scheme, group_size=group_size, shape=(n, k),
+                         dtype=torch.bfloat16, perm=perm)
+    x = torch.randn(2, 3, k, device="cuda", dtype=torch.bfloat16)
+    out = quant_matmul(x, qw, backend="cuda")
+    assert out.shape == (2, 3, n)
+    _check(out.reshape(6, n), _reference(x.reshape(6, k), qw), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@needs_kernel
+def test_strided_and_misaligned_x():
+    n, k = 160, 512
+    for scheme, group_size in (("w4a16", 128), ("w8a16", -1)):
+        qw = _qw(n, k, scheme, group_size)
+        wide = torch.randn(7, k + 8, device="cuda", dtype=torch.float16)
+        odd = torch.randn(7, k + 3, device="cuda", dtype=torch.float16)
+        flat = torch.randn(7 * k + 1, device="cuda", dtype=torch.float16)
+        views = {
+            "rows 16-byte aligned, not contiguous": wide[:, :k],
+            "rows not 16-byte aligned": odd[:, :k],
+            "transposed": torch.randn(k, 7, device="cuda", dtype=torch.float16).t(),
+            "storage offset 1": flat[1:].view(7, k),
+            "every other row": torch.randn(14, k, device="cuda", dtype=torch.float16)[::2],
+            "one row with a stride": wide[2:3, :k],
+        }
+        for what, x in views.items():
+            out = quant_matmul(x, qw, backend="cuda")
+            try:
+                _check(out, _reference(x, qw), torch.float16)
+            except AssertionError as exc:
+                raise AssertionError(f"{scheme}, x {what}: {exc}") from None
+
+
+@pytest.mark.gpu
+@needs_kernel
+def test_bias_with_a_stride():
+    qw = _qw(96, 256, "w4a16", 32, False)
+    bias = torch.randn(192, device="cuda", dtype=torch.float16)[::2]
+    x = torch.randn(4, 256, device="cuda", dtype=torch.float16)
+    _check(quant_matmul(x, qw, bias, backend="cuda"), _reference(x, qw, bias), torch.float16)
+
+
+@pytest.mark.gpu
+@needs_kernel
+def test_auto_picks_cuda_up_to_16_tokens():
+    assert compiled._C.QUANT_GEMV_MAX_M == cq.MAX_M
+    qw = _qw(256, 512, "w4a16", 128)
+    for m, want in ((1, "cuda"), (16, "cuda"), (17, "triton")):
+        x = torch.randn(m, 512, device="cuda", dtype=torch.float16)
+        assert _backends.select(OP, "auto", *_args(x, qw)).backend == want
+    w8a8 = _qw(256, 512, "w8a8")
+    x = torch.randn(1, 512, device="cuda", dtype=torch.float16)
+    assert _backends.select(OP, "auto", *_args(x, w8a8)).backend == "triton"
+    # Weights with rows that are not 16-byte aligned: "auto" moves on, "cuda" says why.
+    packed = torch.zeros(256, 65, dtype=torch.int32, device="cuda")[:, :64]
+    view = QuantizedWeight(packed, qw.scales, None, scheme="w4a16", group_size=128, shape=(256, 512),
+                           dtype=torch.float16)
+    assert _backends.select(OP, "auto", *_args(x, view)).backend == "triton"
+    with pytest.raises(lk.BackendUnavailableError, match="16-byte aligned rows"):
+        quant_matmul(x, view, backend="cuda")
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("scheme,group_size", [("w4a16", 128), ("w4a16", 32), ("w8a16", -1)])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 14336)])
+def test_llm_shapes(scheme, group_size, n, k):
+    qw = _qw(n, k, scheme, group_size, dtype=torch.bfloat16)
+    for m in (1, 4, 16):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        _check(quant_matmul(x, qw, backend="cuda"), _reference(x, qw), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@needs_kernel
+def test_cuda_graph_capture_and_replay():
+    """No host sync and no data-dependent shapes: a captured call replays on new inputs, split
+    K included (its counters must come back to zero between replays)."""
+    for scheme, group_size, m, n, k in (("w4a16", 128, 1, 4096, 4096), ("w8a16", -1, 16, 1024, 4096),
+                                        ("w4a16", 32, 5, 512, 1024)):
+        qw = _qw(n, k, scheme, group_size, dtype=torch.bfloat16)
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        static_x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up (plan cache, counters) outside the capture
+                quant_matmul(static_x, qw, bias, backend="cuda")
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):  # the warm-up's stream: its counters
+            static_out = quant_matmul(static_x, qw, bias, backend="cuda")
+        for _ in range(3):
+            static_x.copy_(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+            graph.replay()
+            torch.cuda.synchronize()
+            _check(static_out, _reference(static_x, qw, bias), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@needs_kernel
+def test_split_k_captured_first_on_a_new_stream(plan_overrides):
+    """A stream's first split-K call inside a capture gets counters the graph zeroes itself;
+    eager calls on that stream afterwards get their own."""
+    qw = _qw(512, 2048, "w4a16", 128, dtype=torch.bfloat16)
+    static_x = torch.randn(3, 2048, device="cuda", dtype=torch.bfloat16)
+    plan_overrides(splits=4)
+    quant_matmul(static_x, qw, backend="cuda")  # imports and caches, on the default stream
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        static_out = quant_matmul(static_x, qw, backend="cuda")
+    for _ in range(3):
+        static_x.copy_(torch.randn_like(static_x))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(static_out, _reference(static_x, qw), torch.bfloat16)
+    with torch.cuda.stream(stream):
+        out = quant_matmul(static_x, qw, backend="cuda")
+    torch.cuda.synchronize()
+    _check(out, _reference(static_x, qw), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@needs_kernel
+def test_torch_compile_fullgraph():
+    qw = _qw(256, 512, "w4a16", 64, False, dtype=torch.float16)
+    bias = torch.randn(256, device="cuda", dtype=torch.float16)
+
+    def f(x):
+        return torch.relu(quant_matmul(x, qw, bias, backend="cuda")) * 2
+
+    compiled = torch.compile(f, fullgraph=True)
+    x = torch.randn(2, 3, 512, device="cuda", dtype=torch.float16)
+    expected = f(x)
+    assert torch.equal(compiled(x), expected)
+    x = torch.randn(16, 512, device="cuda", dtype=torch.float16)  # another M (a recompile)
+    assert torch.equal(compiled(x), f(x))
