@@ -6,7 +6,6 @@ dims, shapes and masks runs on a GPU (``gpu`` marker).
 """
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -14,13 +13,13 @@ import sys
 import pytest
 import torch
 
+from ._attention import flash_args as _args, flash_lowp as _lowp
 from ._utils import assert_close_fa_rule
 
 triton = pytest.importorskip("triton")
 
 from lepton_kernels import _backends  # noqa: E402
 from lepton_kernels.ops import flash_attention as fa_op  # noqa: E402
-from lepton_kernels.reference.attention import attention_core  # noqa: E402
 from lepton_kernels.reference.attention import flash_attention as reference  # noqa: E402
 from lepton_kernels.triton import flash_attention as fa_triton  # noqa: E402
 
@@ -28,33 +27,6 @@ from lepton_kernels.triton import flash_attention as fa_triton  # noqa: E402
 # The "cpu" cases run on the GPU when there is one (the interpreter only runs without one).
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-
-def _args(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=None, cu_q=None, cu_k=None,
-          max_q=None, max_k=None, kv_lens=None):
-    """The op schema's positional arguments, normalized like the public op does."""
-    left, right = window
-    causal = causal or right == 0
-    right = 0 if causal else right
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if cu_q is None:
-        max_q, max_k = q.shape[1], k.shape[1]
-    return (q, k, v, causal, scale, left, right, softcap, cu_q, cu_k, max_q, max_k, kv_lens)
-
-
-def _lowp(args):
-    """torch's attention in the inputs' own dtype: the FlashAttention rule's error baseline."""
-    q, k, v, causal, scale, left, right, softcap, cu_q, cu_k, _, _, kv_lens = args
-    opts = dict(softmax_scale=scale, causal=causal, window_left=left, window_right=right, softcap=softcap)
-    if cu_q is None:
-        return attention_core(q, k, v, kv_lens=kv_lens, **opts)[0]
-    out = torch.zeros_like(q)
-    sq, sk = cu_q.tolist(), cu_k.tolist()
-    for b in range(len(sq) - 1):
-        k1 = sk[b + 1] if kv_lens is None else sk[b] + int(kv_lens[b])
-        if sq[b + 1] > sq[b]:
-            out[sq[b]:sq[b + 1]] = attention_core(q[None, sq[b]:sq[b + 1]], k[None, sk[b]:k1],
-                                                  v[None, sk[b]:k1], **opts)[0][0]
-    return out
 
 
 def check(args, **kernel_options):

@@ -5,6 +5,8 @@ the kernel is marked ``gpu``.
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -15,42 +17,13 @@ from lepton_kernels.reference.attention import attention_core
 from lepton_kernels.reference.paged_attention import gather_pages
 from lepton_kernels.reference.paged_attention import paged_attention as reference
 
+from . import _attention
+from ._attention import prepare, to_fp8
 from ._utils import assert_close_fa_rule
 
 CUDA = torch.device("cuda")
 FP8 = torch.float8_e4m3fn
-
-
-# -- inputs ----------------------------------------------------------------------------------------
-
-def make_paged(seq_lens, block_size, hkv, d, dtype, device=CUDA, spare_blocks=3):
-    """Random caches and a block table whose used entries are a random permutation of the
-    cache's blocks; entries past a sequence's last block point at random valid blocks, so
-    reading them by mistake changes the result."""
-    needed = [-(-n // block_size) for n in seq_lens]
-    num_blocks = sum(needed) + spare_blocks
-    max_blocks = max(needed, default=0) + 1
-    k_cache = torch.randn(num_blocks, block_size, hkv, d, device=device).to(dtype)
-    v_cache = torch.randn(num_blocks, block_size, hkv, d, device=device).to(dtype)
-    order = iter(torch.randperm(num_blocks).tolist())
-    table = torch.randint(0, num_blocks, (len(seq_lens), max_blocks))
-    for b, count in enumerate(needed):
-        for j in range(count):
-            table[b, j] = next(order)
-    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-    return k_cache, v_cache, table.to(torch.int32).to(device), lens
-
-
-def to_fp8(cache, scale):
-    """An fp8 cache holding cache / scale (scale per tensor or per kv head)."""
-    return (cache.float() / scale.reshape(-1, 1)).clamp(-448, 448).to(FP8)
-
-
-def prepare(q, k_cache, v_cache, table, lens, cu=None, max_q=None, **options):
-    """The op schema's positional arguments, validated and normalized by the public op."""
-    return pa_op._prepare(q, k_cache, v_cache, table, lens, cu, max_q, options.get("softmax_scale"),
-                          options.get("causal", True), options.get("window", (-1, -1)), options.get("softcap", 0.0),
-                          options.get("k_scale"), options.get("v_scale"))
+make_paged = functools.partial(_attention.make_paged, device=CUDA)
 
 
 # -- checks ----------------------------------------------------------------------------------------
