@@ -418,3 +418,17 @@ def test_torch_compile_fullgraph():
     assert torch.equal(compiled(x), expected)
     x = torch.randn(16, 512, device="cuda", dtype=torch.float16)  # another M (a recompile)
     assert torch.equal(compiled(x), f(x))
+
+
+def test_auto_leaves_larger_w8a16_batches_to_triton(monkeypatch):
+    # Measured on an H200: from 9 tokens on, the Triton w8a16 kernel matches the CUDA one.
+    from lepton_kernels.ops import quant_matmul as qm_op
+
+    monkeypatch.setattr(qm_op, "_triton_supports", lambda *args: None)
+    qw = quantize_weight(torch.randn(64, 256), "w8a16")
+    args = lambda m: (torch.randn(m, 256), qw.packed, qw.scales, None, None, None, "w8a16", qw.layout, -1, 64, 256)
+    assert qm_op._cuda_auto_supports(*args(8)) is None
+    assert "Triton" in qm_op._cuda_auto_supports(*args(9))
+    qw4 = quantize_weight(torch.randn(64, 256), "w4a16", group_size=128)
+    assert qm_op._cuda_auto_supports(torch.randn(16, 256), qw4.packed, qw4.scales, None, None, None, "w4a16",
+                                     qw4.layout, 128, 64, 256) is None

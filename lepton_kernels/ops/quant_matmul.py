@@ -60,8 +60,19 @@ def _cuda_supports(x, *args) -> Optional[str]:
     return reason if reason is not None else _cuda_kernel_supports(x, *args)
 
 
+# Above this many tokens the Triton w8a16 kernel matched or beat the CUDA one on an H200.
+CUDA_W8A16_AUTO_MAX_M = 8
+
+
+def _cuda_auto_supports(x, packed, scales, zeros, perm, bias, scheme, *args) -> Optional[str]:
+    if scheme == "w8a16" and x.shape[0] > CUDA_W8A16_AUTO_MAX_M and \
+            _triton_supports(x, packed, scales, zeros, perm, bias, scheme, *args) is None:
+        return f"w8a16 with more than {CUDA_W8A16_AUTO_MAX_M} tokens: the Triton kernel is as fast or faster"
+    return None
+
+
 _cuda_op = define_op(f"{OP}_cuda", SCHEMA, _cuda_impl, fake, "CUDA")
-_backends.register(OP, "cuda", _cuda_supports, eager=_cuda_impl)(_cuda_op)
+_backends.register(OP, "cuda", _cuda_supports, eager=_cuda_impl, auto_supports=_cuda_auto_supports)(_cuda_op)
 
 
 def quant_matmul(
