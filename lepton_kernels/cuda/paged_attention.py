@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._backends import is_compiling, trace_as_constant
+from .._splits import MAX_SPLITS, sm_count, splits_for_slots
 from . import DTYPE_CODES, _C, current_stream
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -25,19 +26,7 @@ MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 8, 256
 WARPS = 4
 TILE_KEYS = 16
 ROWS = 16  # query heads per CTA
-MAX_SPLITS = 128
-# Split heuristic, in CTA steps (WARPS tiles): what a CTA costs besides its key tiles (Q load,
-# merge, partial write) and what the combine kernel adds.
-CTA_OVERHEAD_STEPS = 2
-COMBINE_OVERHEAD_STEPS = 1
-MIN_STEPS_PER_SPLIT = 2
-# Split unless the CTAs already fill this fraction of the GPU's resident slots.
-FULL_FRACTION = 0.8
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+STEP_KEYS = TILE_KEYS * WARPS  # keys one CTA step folds: the split heuristic's tile
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,27 +57,11 @@ def _cached_device_reason(device: torch.device, head_dim: int, cache_dtype: torc
     return None
 
 
-@functools.lru_cache(maxsize=4096)  # called on every launch: keep the loop off the hot path
 def choose_num_splits(ctas: int, max_keys: int, slots: int) -> int:
-    """Key ranges per (sequence, kv head, head group) CTA.
-
-    ``ctas``: CTAs without splitting; ``max_keys``: the most keys one can see (block table
-    capacity, or the window); ``slots``: resident CTAs the GPU holds. Without splitting when
-    the CTAs fill most slots; otherwise the count minimizing waves x (steps per split +
-    overhead), fewer splits on ties."""
-    steps = -(-max_keys // (TILE_KEYS * WARPS))
-    if ctas <= 0 or steps < 2 * MIN_STEPS_PER_SPLIT or ctas >= FULL_FRACTION * slots:
-        return 1
-    limit = min(MAX_SPLITS, steps // MIN_STEPS_PER_SPLIT)
-    best, best_cost = 1, None
-    for splits in range(1, limit + 1):
-        waves = -(-ctas * splits // slots)
-        cost = waves * (-(-steps // splits) + CTA_OVERHEAD_STEPS)
-        if splits > 1:
-            cost += COMBINE_OVERHEAD_STEPS
-        if best_cost is None or cost < best_cost:
-            best, best_cost = splits, cost
-    return best
+    """Key ranges per (sequence, kv head, head group) CTA: ``ctas`` CTAs without splitting,
+    ``max_keys`` the most keys one can see (block table capacity, or the window), ``slots``
+    resident CTAs the GPU holds (the Triton kernels' heuristic, in CTA steps)."""
+    return splits_for_slots(ctas, -(-max_keys // STEP_KEYS), slots)
 
 
 @dataclass(frozen=True)
@@ -98,16 +71,24 @@ class DecodePlan:
     slots: int  # resident CTAs on the device
 
 
+def _ctas_and_slots(index: int, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                    cache_dtype: torch.dtype) -> Tuple[int, int]:
+    ctas = batch * num_kv_heads * -(-(num_q_heads // num_kv_heads) // ROWS)
+    return ctas, sm_count(index) * _ctas_per_sm(index, head_dim, cache_dtype)
+
+
+def _max_keys(capacity: int, window_left: int) -> int:
+    return capacity if window_left < 0 else min(capacity, window_left + TILE_KEYS)  # + the partial first tile
+
+
 @trace_as_constant
 def auto_num_splits(device: torch.device, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                     cache_dtype: torch.dtype, capacity: int, window_left: int) -> int:
     """The split count the heuristic picks, from plain values (backend selection calls it, and
     torch.compile bakes it in: it reads device properties through the extension)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    ctas = batch * num_kv_heads * -(-(num_q_heads // num_kv_heads) // ROWS)
-    slots = _sm_count(index) * _ctas_per_sm(index, head_dim, cache_dtype)
-    max_keys = capacity if window_left < 0 else min(capacity, window_left + TILE_KEYS)
-    return choose_num_splits(ctas, max_keys, slots)
+    ctas, slots = _ctas_and_slots(index, batch, num_q_heads, num_kv_heads, head_dim, cache_dtype)
+    return choose_num_splits(ctas, _max_keys(capacity, window_left), slots)
 
 
 def plan(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, window_left: int,
@@ -116,14 +97,9 @@ def plan(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, wind
     batch, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    group = num_q_heads // num_kv_heads
-    ctas = batch * num_kv_heads * -(-group // ROWS)
-    slots = _sm_count(index) * _ctas_per_sm(index, head_dim, k_cache.dtype)
+    ctas, slots = _ctas_and_slots(index, batch, num_q_heads, num_kv_heads, head_dim, k_cache.dtype)
     if num_splits is None:
-        max_keys = block_table.shape[1] * block_size
-        if window_left >= 0:
-            max_keys = min(max_keys, window_left + TILE_KEYS)  # + the partial first tile
-        num_splits = choose_num_splits(ctas, max_keys, slots)
+        num_splits = choose_num_splits(ctas, _max_keys(block_table.shape[1] * block_size, window_left), slots)
     return DecodePlan(max(1, min(int(num_splits), MAX_SPLITS)), ctas, slots)
 
 

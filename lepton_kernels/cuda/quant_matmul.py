@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .._backends import is_compiling
+from .._splits import current_sm_count
 from . import DTYPE_CODES, _C, current_stream
 
 MAX_M = 16  # kQuantGemvMaxM in quant_gemv.h
@@ -96,18 +97,13 @@ def set_plan_overrides(**fields) -> Dict[str, object]:
     return previous
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 @functools.lru_cache(maxsize=4096)
 def _cached_plan(m: int, n: int, k: int, int4: bool, sm_count: int) -> Plan:
     return choose_plan(m, n, k, int4, sm_count)
 
 
 def _plan(m: int, n: int, k: int, int4: bool, device: torch.device) -> Plan:
-    sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sm_count = current_sm_count(device)
     if _OVERRIDES:
         return choose_plan(m, n, k, int4, sm_count, **_OVERRIDES)
     return _cached_plan(m, n, k, int4, sm_count)

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from . import interpreting, unavailable_reason
 from .flash_attention_configs import AttentionTiles, attention_tiles, decode_tiles, shared_memory_budget
-from .split_kv import MAX_SPLITS, choose_num_splits, sm_count
+from .._splits import MAX_SPLITS, choose_num_splits, sm_count
 
 OP = "flash_attention"
 MAX_HEAD_DIM = 256

@@ -37,7 +37,7 @@ import triton.language as tl
 from . import interpreting, unavailable_reason
 from .flash_attention import LOG2E, _capability, online_softmax_step, score_tile
 from .flash_attention_configs import AttentionTiles, attention_tiles, decode_tiles
-from .split_kv import MAX_SPLITS, MIN_TILES_PER_SPLIT, choose_num_splits, sm_count
+from .._splits import MAX_SPLITS, MIN_TILES_PER_SPLIT, choose_num_splits, sm_count
 
 OP = "paged_attention"
 MAX_HEAD_DIM = 256

@@ -36,13 +36,13 @@ Act-order weights (``perm``) gather the activation columns once per call before 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Dict, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .._splits import current_sm_count
 from . import interpreting, unavailable_reason
 
 OP = "quant_matmul"
@@ -604,15 +604,8 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count_cuda(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return INTERPRETER_SM_COUNT
-    return _sm_count_cuda(device.index if device.index is not None else torch.cuda.current_device())
+    return current_sm_count(device) if device.type == "cuda" else INTERPRETER_SM_COUNT
 
 
 # Split-K arrival counters, one buffer per (device, stream); the kernels leave them at zero.

@@ -1,6 +1,6 @@
-"""How many key ranges to split attention programs into (flash-decoding), shared by the
-paged and the contiguous-cache kernels. Shapes and device properties only, never data, so a
-call's launch shape is fixed for CUDA-graph capture."""
+"""Spreading work over the GPU's SMs, for every backend: the SM count and how many key ranges
+to split attention programs into (flash-decoding). Shapes and device properties only, never
+data, so a call's launch shape is fixed for CUDA-graph capture."""
 from __future__ import annotations
 
 import functools
@@ -23,14 +23,17 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def current_sm_count(device: torch.device) -> int:
+    return sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def choose_num_splits(programs: int, max_tiles: int, sm_count: int, decode: bool) -> int:
     """How many ranges to split each program's keys into.
 
     ``programs``: (query block, head group) programs; ``max_tiles``: the most key tiles one of
     them can have (from the block table's capacity, or the window). Decode programs are
-    bandwidth-bound and small (three fit an SM): when they fill most of the GPU's program slots
-    they stay whole; otherwise pick the count minimizing (waves of programs) x (tiles per
-    program + overhead). Query-block programs fill an SM alone and their split
+    bandwidth-bound and small: ``splits_for_slots`` with three per SM. Query-block programs
+    fill an SM alone and their split
     partials are large (rows x head dim in fp32): split only a GPU less than half busy, and
     only up to one wave."""
     if programs <= 0 or max_tiles <= MIN_TILES_PER_SPLIT:
@@ -40,9 +43,17 @@ def choose_num_splits(programs: int, max_tiles: int, sm_count: int, decode: bool
         if 2 * programs > sm_count:
             return 1
         return max(1, min(sm_count // programs, limit))
-    slots = max(1, sm_count * DECODE_PROGRAMS_PER_SM)
-    if 5 * programs >= 4 * slots:
+    return splits_for_slots(programs, max_tiles, max(1, sm_count * DECODE_PROGRAMS_PER_SM))
+
+
+@functools.lru_cache(maxsize=4096)  # called on every launch: keep the loop off the hot path
+def splits_for_slots(programs: int, max_tiles: int, slots: int) -> int:
+    """Splits for bandwidth-bound programs of which ``slots`` fit the GPU at once: none when
+    they fill most slots already; otherwise the count minimizing (waves of programs) x (tiles
+    per split + overhead), fewer splits on ties."""
+    if programs <= 0 or max_tiles <= MIN_TILES_PER_SPLIT or 5 * programs >= 4 * slots:
         return 1
+    limit = min(MAX_SPLITS, max_tiles // MIN_TILES_PER_SPLIT)
     best, best_cost = 1, None
     for splits in range(1, limit + 1):
         waves = -(-programs * splits // slots)
