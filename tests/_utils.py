@@ -15,6 +15,24 @@ def poisoned(*shape, dtype, device) -> torch.Tensor:
     return torch.full(shape, torch.iinfo(dtype).max, dtype=dtype, device=device)
 
 
+def call_with_poisoned_allocations(fn, *args, **kwargs):
+    """Call ``fn`` with every floating-point buffer it allocates through ``torch.empty``
+    (outputs, workspaces) filled with NaN, so an element it forgets to write shows."""
+    empty = torch.empty
+
+    def nan_empty(*shape, **kw):
+        x = empty(*shape, **kw)
+        if x.is_floating_point():
+            x.fill_(float("nan"))
+        return x
+
+    torch.empty = nan_empty
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.empty = empty
+
+
 def assert_close_fa_rule(out: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch.Tensor, eps: float = 1e-5,
                          factor: float = 2.0) -> None:
     """FlashAttention's rule: the kernel's max error against the float64 reference is at most

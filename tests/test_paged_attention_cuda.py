@@ -19,7 +19,7 @@ from lepton_kernels.reference.paged_attention import paged_attention as referenc
 
 from . import _attention
 from ._attention import prepare, to_fp8
-from ._utils import assert_close_fa_rule
+from ._utils import assert_close_fa_rule, call_with_poisoned_allocations
 
 CUDA = torch.device("cuda")
 FP8 = torch.float8_e4m3fn
@@ -41,24 +41,6 @@ def lowp_reference(args):
     return out
 
 
-def run_poisoned(args, **options):
-    """Call the kernel with every buffer it allocates (outputs, split workspace) filled with
-    NaN, so an element it forgets to write shows."""
-    empty = torch.empty
-
-    def nan_empty(*shape, **kwargs):
-        x = empty(*shape, **kwargs)
-        if x.is_floating_point():
-            x.fill_(float("nan"))
-        return x
-
-    torch.empty = nan_empty
-    try:
-        return pa_cuda.paged_attention(*args, **options)
-    finally:
-        torch.empty = empty
-
-
 def check_result(args, out, lse):
     q = args[0]
     # float64 reference (fp8 caches go through float32, exactly; the reference applies the scales)
@@ -77,7 +59,7 @@ def check_result(args, out, lse):
 def check(args, **options):
     """Run the CUDA kernel on ``args`` (poisoned outputs) and hold it to the FlashAttention rule."""
     assert pa_cuda.supports(*args) is None
-    out, lse = run_poisoned(args, **options)
+    out, lse = call_with_poisoned_allocations(pa_cuda.paged_attention, *args, **options)
     check_result(args, out, lse)
     return out, lse
 

@@ -17,7 +17,7 @@ import torch
 
 from . import _attention
 from ._attention import prepare, to_fp8
-from ._utils import assert_close_fa_rule
+from ._utils import assert_close_fa_rule, call_with_poisoned_allocations
 
 triton = pytest.importorskip("triton")
 
@@ -61,27 +61,9 @@ def lowp_reference(args):
     return out
 
 
-def run_poisoned(args, **options):
-    """Call the kernel with every buffer it allocates (outputs, split workspace) filled with
-    NaN, so an element it forgets to write shows."""
-    empty = torch.empty
-
-    def nan_empty(*shape, **kwargs):
-        x = empty(*shape, **kwargs)
-        if x.is_floating_point():
-            x.fill_(float("nan"))
-        return x
-
-    torch.empty = nan_empty
-    try:
-        return pa_triton.paged_attention(*args, **options)
-    finally:
-        torch.empty = empty
-
-
 def check(args, **options):
     """Run the Triton kernel on ``args`` and hold it to the FlashAttention rule."""
-    out, lse = run_poisoned(args, **options)
+    out, lse = call_with_poisoned_allocations(pa_triton.paged_attention, *args, **options)
     q, cu = args[0], args[5]
     # float64 reference (fp8 caches go through float32, exactly; the reference applies the scales)
     up = (q.double(), args[1].float().double(), args[2].float().double()) + tuple(args[3:])
