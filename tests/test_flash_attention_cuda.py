@@ -28,13 +28,13 @@ def _poison_allocator(nbytes: int) -> None:
         torch.full((nbytes // 4 + 1024,), float("nan"), device=CUDA)
 
 
-def check(args):
+def check(args, kernel="auto"):
     """Run the CUDA kernel on ``args`` and hold it to the FlashAttention rule."""
     from lepton_kernels.cuda import flash_attention as fa_cuda
 
     q = args[0]
     _poison_allocator(q.numel() * q.element_size())
-    out, lse = fa_cuda.flash_attention(*args)
+    out, lse = fa_cuda.flash_attention(*args, kernel=kernel)
     ref_args = tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
     ref_out, ref_lse = reference(*ref_args)
     assert out.shape == q.shape and out.dtype == q.dtype
@@ -72,6 +72,21 @@ def _cuda_ready() -> bool:
 
 needs_kernel = pytest.mark.skipif(not torch.cuda.is_available() or not _cuda_ready(),
                                   reason="needs a GPU and an extension built with the attention kernel")
+
+
+@pytest.fixture(params=["mma_sync", "sm90"])
+def kernel(request):
+    """Each GPU test runs both compiled kernels: mma.sync everywhere, sm_90a where it can run."""
+    return request.param
+
+
+def skip_unless_runs(kernel: str, d: int, dtype=torch.bfloat16) -> None:
+    from lepton_kernels.cuda import flash_attention as fa_cuda
+
+    if kernel == "sm90":
+        reason = fa_cuda.sm90_unsupported(d, dtype, CUDA)
+        if reason:
+            pytest.skip(reason)
 
 
 # -- CPU: why the cuda backend declines ---------------------------------------------------------
@@ -118,11 +133,12 @@ def test_cpu_auto_preference_needs_a_gpu_and_triton():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", HEAD_DIMS)
-def test_gpu_grid(d, dtype, causal):
+def test_gpu_grid(d, dtype, causal, kernel):
+    skip_unless_runs(kernel, d, dtype)
     for sq, sk in SHAPES:
         hq, hkv = HEADS[(sq + sk) % 3]  # each shape with one head layout; all three overall
         q, k, v = qkv(2, sq, sk, hq, hkv, d, dtype)
-        check(_args(q, k, v, causal=causal))
+        check(_args(q, k, v, causal=causal), kernel)
 
 
 FEATURES = {
@@ -143,7 +159,8 @@ FEATURES = {
 @pytest.mark.parametrize("feature", list(FEATURES))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", HEAD_DIMS)
-def test_gpu_features(d, dtype, feature):
+def test_gpu_features(d, dtype, feature, kernel):
+    skip_unless_runs(kernel, d, dtype)
     opts = dict(FEATURES[feature])
     varlen, transposed, kv_lens = opts.pop("varlen", False), opts.pop("transposed", False), opts.pop("kv_lens", None)
     for hq, hkv in HEADS:
@@ -157,7 +174,7 @@ def test_gpu_features(d, dtype, feature):
         else:
             q, k, v = qkv(4 if kv_lens is not None else 2, 113, 203, hq, hkv, d, dtype)
         lens = None if kv_lens is None else torch.tensor(kv_lens, dtype=torch.int32, device=CUDA)
-        check(_args(q, k, v, kv_lens=lens, **opts))
+        check(_args(q, k, v, kv_lens=lens, **opts), kernel)
 
 
 # Lengths one short of, at and one past the tile sizes (BLOCK_M 64/128, BLOCK_N 64/128), where a
@@ -175,39 +192,42 @@ TILE_EDGE_MASKS = {
 @needs_kernel
 @pytest.mark.parametrize("mask", list(TILE_EDGE_MASKS))
 @pytest.mark.parametrize("d", HEAD_DIMS)
-def test_gpu_tile_edges(d, mask):
+def test_gpu_tile_edges(d, mask, kernel):
+    skip_unless_runs(kernel, d)
     for i, (sq, sk) in enumerate(TILE_EDGE_SHAPES):
         hq, hkv = HEADS[i % 3]
         dtype = (torch.float16, torch.bfloat16)[i % 2]
         q, k, v = qkv(2, sq, sk, hq, hkv, d, dtype)
-        check(_args(q, k, v, **TILE_EDGE_MASKS[mask]))
+        check(_args(q, k, v, **TILE_EDGE_MASKS[mask]), kernel)
 
 
 @pytest.mark.gpu
 @needs_kernel
 @pytest.mark.parametrize("scale", [0.0, -0.1])
-def test_gpu_nonpositive_scale(scale):
+def test_gpu_nonpositive_scale(scale, kernel):
     # The kernel folds a positive scale into the exponent; zero and negative scales (which
     # reorder the scores) take the other path.
+    skip_unless_runs(kernel, 128)
     for d in (64, 128):
         q, k, v = qkv(2, 129, 200, 4, 2, d, torch.bfloat16)
-        check(_args(q, k, v, causal=True, scale=scale))
-        check(_args(q, k, v, window=(30, 30), scale=scale))
+        check(_args(q, k, v, causal=True, scale=scale), kernel)
+        check(_args(q, k, v, window=(30, 30), scale=scale), kernel)
 
 
 @pytest.mark.gpu
 @needs_kernel
-def test_gpu_odd_views_and_wide_windows():
+def test_gpu_odd_views_and_wide_windows(kernel):
+    skip_unless_runs(kernel, 128)
     # A slice whose base is not 16-byte aligned (copied by the launcher), windows wider than
     # the sequences (treated as unbounded), and Sq > Sk under causal (leading rows see nothing).
     base = rand(2, 203, 4, 136, dtype=torch.bfloat16)
     q = base[..., 8:136]
     k = rand(2, 203, 2, 136, dtype=torch.bfloat16)[..., 3:131]
     v = rand(2, 203, 2, 128, dtype=torch.bfloat16)
-    check(_args(q, k, v, causal=True))
-    check(_args(q, k, v, window=(10**9, 10**9)))
+    check(_args(q, k, v, causal=True), kernel)
+    check(_args(q, k, v, window=(10**9, 10**9)), kernel)
     q, k, v = qkv(2, 300, 100, 8, 2, 128, torch.float16)
-    check(_args(q, k, v, causal=True))
+    check(_args(q, k, v, causal=True), kernel)
 
 
 @pytest.mark.gpu

@@ -17,6 +17,10 @@
 
 namespace lepton {
 
+// Which kernel runs a call: kAuto takes the sm_90a one (flash_fwd_sm90.h) where it can run and
+// the mma.sync one otherwise; the others force one (an error if the sm_90a kernel cannot run).
+enum class FlashKernel : int { kAuto = 0, kMmaSync = 1, kSm90 = 2 };
+
 struct FlashFwdParams {
   const void* q = nullptr;
   const void* k = nullptr;
@@ -37,6 +41,7 @@ struct FlashFwdParams {
 
   int batch = 0, num_heads_q = 0, num_heads_k = 0, head_dim = 0;
   int seqlen_q = 0, seqlen_k = 0;  // padded: Sq, Sk; varlen: upper bounds (grid sizing only)
+  int64_t total_q = 0, total_k = 0;  // varlen: rows of the packed q and k/v (bounds of TMA loads)
 
   float softmax_scale = 0.f;
   float softcap = 0.f;             // 0: off
@@ -44,6 +49,7 @@ struct FlashFwdParams {
   int window_right = -1;           // -1: unbounded; 0 under causal
 
   DType dtype = DType::kBFloat16;
+  FlashKernel kernel = FlashKernel::kAuto;
 };
 
 // Head dims with a compiled kernel (each a multiple of 16, so no padding of the K dimension).

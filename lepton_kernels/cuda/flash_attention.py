@@ -10,6 +10,17 @@ from . import DTYPE_CODES, _C, current_stream
 
 HEAD_DIMS = (64, 80, 96, 128, 192, 256)
 DTYPES = (torch.float16, torch.bfloat16)
+# "auto" runs the sm_90a kernel (TMA + wgmma) where it can run, the mma.sync one elsewhere.
+KERNELS = {"auto": 0, "mma_sync": 1, "sm90": 2}
+SM90_HEAD_DIMS = (64, 128, 256)
+
+
+def sm90_unsupported(head_dim: int, dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    """Why the sm_90a kernel cannot run this head dim and dtype on ``device`` (None if it can)."""
+    if not has_kernel() or not hasattr(_C, "flash_fwd_sm90_unsupported"):
+        return "the extension has no sm_90a attention kernel"
+    with torch.cuda.device(device):
+        return _C.flash_fwd_sm90_unsupported(head_dim, DTYPE_CODES[dtype]) or None
 
 
 @trace_as_constant
@@ -40,8 +51,12 @@ def flash_attention(
     max_seqlen_q: int,
     max_seqlen_k: int,
     kv_lens: Optional[torch.Tensor],
+    kernel: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Attention forward on validated inputs (same meaning as the ``flash_attention`` op)."""
+    """Attention forward on validated inputs (same meaning as the ``flash_attention`` op).
+
+    ``kernel`` picks the compiled kernel: "auto", "mma_sync" or "sm90" (see ``KERNELS``).
+    """
     varlen = cu_seqlens_q is not None
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if varlen:
@@ -79,8 +94,9 @@ def flash_attention(
         kv_lens.data_ptr() if kv_lens is not None else 0,
         *strides, lse_strides,
         batch, num_heads_q, num_heads_k, head_dim, max_seqlen_q, max_seqlen_k,
+        q.shape[0] if varlen else 0, k.shape[0] if varlen else 0,  # rows of the packed tensors
         float(softmax_scale), float(softcap), int(window_left), int(window_right),
-        DTYPE_CODES[q.dtype],
+        DTYPE_CODES[q.dtype], KERNELS[kernel],
     )
     index = q.device.index
     if index is None or index == torch.cuda.current_device():

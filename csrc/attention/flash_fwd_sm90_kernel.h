@@ -1,0 +1,485 @@
+// The Hopper attention forward (sm_90a): TMA loads by a producer warp, wgmma by two consumer
+// warpgroups, softmax overlapped with the previous tile's P V product.
+//
+// A CTA owns 128 query rows of one (sequence, query head) and has three warpgroups:
+// * warpgroup 0, the producer: one thread issues the TMA loads of Q (once) and of each K and V
+//   tile into a two-stage ring of shared buffers, each stage guarded by a "full" mbarrier (bytes
+//   landed) and an "empty" one (both consumers are done reading). The warpgroup gives most of its
+//   registers back (setmaxnreg) to
+// * warpgroups 1 and 2, the consumers, each owning 64 of the rows. Per key tile j a consumer
+//   issues S(j) = Q K(j)^T (both operands in shared memory) and O += P(j-1) V(j-1) (P from
+//   registers), then runs the online softmax of S(j) while the tensor cores are still busy with
+//   P V, and finally rescales O once P V has landed. Named barriers make the two consumers take
+//   turns issuing their matrix products ("ping-pong"), so one warpgroup's softmax runs under the
+//   other's products.
+//
+// Tiles are 64-element-wide column blocks with 128-byte rows swizzled by the TMA (the layout
+// wgmma reads): a [rows, D] tile is D / 64 blocks of rows x 128 bytes. K is a K-major operand
+// of S = Q K^T; V is the N-major ("transposed") operand of O = P V, which wgmma takes for 16-bit
+// types, so neither needs a transpose in shared memory.
+//
+// Masking follows flash_fwd.h. Only key tiles that some row of the CTA can see are loaded, and
+// only the tiles that cross a sequence end, the causal diagonal or a window edge pay for the
+// mask.
+#pragma once
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include "attention/flash_fwd.h"
+#include "attention/flash_fwd_sm90.h"
+#include "attention/sm90_primitives.h"
+
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LEPTON_SM90_STUB 1  // device pass for another target: the kernel body is not compiled
+#endif
+
+namespace lepton {
+namespace flash90 {
+
+using namespace sm90;
+
+constexpr int kBlockM = 128;           // query rows per CTA: two consumer warpgroups of 64
+constexpr int kStages = 2;             // K and V ring depth
+constexpr int kThreads = 3 * 128;      // producer + two consumers
+constexpr int kProducerRegisters = 24;  // 128 x 24 + 256 x 240 <= 64 K registers per SM
+constexpr int kConsumerRegisters = 240;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Named barrier ids (0 is __syncthreads): the consumers' turns, then each consumer's epilogue.
+constexpr int kTurnBarrier = 1;
+constexpr int kEpilogueBarrier = 3;
+
+template <int D>
+struct Config {
+  static_assert(D % 64 == 0, "tiles are made of 64-column blocks");
+  static constexpr int kColBlocks = D / 64;
+  // Keys per tile: the S accumulator (kBlockN / 2 registers per thread) and O (D / 2) must fit
+  // a consumer's 240 registers with P and the softmax; and the Q tile plus two stages of K and
+  // V must fit 227 KiB of shared memory (D = 256: 64 + 4 x 32 KiB).
+  static constexpr int kBlockN = flash_fwd_sm90_block_n(D);
+  static constexpr int kQBytes = kBlockM * D * 2;
+  static constexpr int kKVBytes = kBlockN * D * 2;
+  static constexpr int kColBlockQ = kBlockM * 128;  // bytes of one 64-column block
+  static constexpr int kColBlockKV = kBlockN * 128;
+  static constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVBytes + 1024 /* barriers */ + 1024 /* alignment */;
+};
+
+struct SharedBarriers {
+  uint64_t q_full;
+  uint64_t k_full[kStages], k_empty[kStages];
+  uint64_t v_full[kStages], v_empty[kStages];
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+__device__ __forceinline__ float exp2_approx(float x) {  // exp2(-inf) = +0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float tanh_fast(float x) {  // as in flash_fwd_kernel.h
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(exp2_approx(x * (2.f * kLog2e)) + 1.f));
+  return 1.f - 2.f * r;
+}
+
+// The online softmax state of one consumer thread: two rows (g and g + 8 of its warp's 16).
+template <int BN>
+struct Softmax {
+  float row_max[2] = {-INFINITY, -INFINITY};  // of the scores as the softmax sees them
+  float row_sum[2] = {0.f, 0.f};              // this thread's columns only
+
+  // Turns scores s (an accumulator of BN columns) into unnormalized probabilities in place and
+  // returns the factors that rescale what was accumulated under the previous maxima.
+  __device__ __forceinline__ void step(float (&s)[BN / 2], float exp_scale, float (&alpha)[2]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = row_max[h];
+#pragma unroll
+      for (int c = 0; c < BN / 8; ++c) mx = fmaxf(mx, fmaxf(s[4 * c + 2 * h], s[4 * c + 2 * h + 1]));
+      // A row's columns live in the 4 threads of a quad.
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // A row with nothing visible yet keeps max -inf; subtracting 0 instead keeps p and alpha
+      // at 0 rather than NaN (-inf - -inf).
+      const float base = mx == -INFINITY ? 0.f : mx * exp_scale;
+      alpha[h] = exp2_approx(row_max[h] * exp_scale - base);
+      row_max[h] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int c = 0; c < BN / 8; ++c) {
+        s[4 * c + 2 * h] = exp2_approx(fmaf(s[4 * c + 2 * h], exp_scale, -base));
+        s[4 * c + 2 * h + 1] = exp2_approx(fmaf(s[4 * c + 2 * h + 1], exp_scale, -base));
+        sum += s[4 * c + 2 * h] + s[4 * c + 2 * h + 1];
+      }
+      row_sum[h] = row_sum[h] * alpha[h] + sum;
+    }
+  }
+};
+
+// The part of a key tile's scores this thread holds, transformed and masked in place.
+struct ScoreMask {
+  float pre, post;       // softcap: post * tanh(s * pre); else s * pre unless folded (pre = 1)
+  bool use_softcap, scale_scores;
+  // Visible keys of row g, relative to the thread's first column (2q) of a tile at key 0:
+  // [first_rel, min(last_rel, key_end_rel)].
+  int first_rel, last_rel, key_end_rel;
+
+  template <int BN>
+  __device__ __forceinline__ void apply(float (&s)[BN / 2], int n0, bool need_mask) const {
+    if (use_softcap) {
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) s[i] = post * tanh_fast(s[i] * pre);
+    } else if (scale_scores) {
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) s[i] *= pre;
+    }
+    if (!need_mask) return;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      // Row g + 8h sees the columns [first, last] of the tile (relative to the thread's 2q).
+      const int first = first_rel + 8 * h - n0;
+      const int last = min(key_end_rel - n0, last_rel + 8 * h - n0);
+#pragma unroll
+      for (int c = 0; c < BN / 8; ++c)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = 8 * c + e;
+          if (key < first || key > last) s[4 * c + 2 * h + e] = -INFINITY;
+        }
+    }
+  }
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __grid_constant__ Sm90Params params) {
+#ifdef LEPTON_SM90_STUB
+  __trap();
+#else
+  using C = Config<D>;
+  constexpr int BN = C::kBlockN, kColBlocks = C::kColBlocks;
+  const FlashFwdParams& p = params.p;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  // 128-byte swizzled tiles must start 1024-byte aligned (the wgmma descriptors' base offset is 0).
+  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char* sQ = smem;
+  unsigned char* sK = sQ + C::kQBytes;                 // kStages x [kColBlocks][BN][128 B]
+  unsigned char* sV = sK + kStages * C::kKVBytes;
+  SharedBarriers& bars = *reinterpret_cast<SharedBarriers*>(sV + kStages * C::kKVBytes);
+
+  const int head = blockIdx.y, batch = blockIdx.z;
+  int q_start = 0, k_start = 0, seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  if (varlen) {
+    q_start = p.cu_seqlens_q[batch];
+    seqlen_q = p.cu_seqlens_q[batch + 1] - q_start;
+    k_start = p.cu_seqlens_k[batch];
+    seqlen_k = p.cu_seqlens_k[batch + 1] - k_start;
+  }
+  if (p.kv_lens != nullptr) seqlen_k = max(0, min(seqlen_k, p.kv_lens[batch]));
+
+  // Last row blocks first: under causal masks they carry the most keys, so the grid's tail is
+  // made of short CTAs.
+  const int num_m_blocks = (seqlen_q + kBlockM - 1) / kBlockM;
+  if (static_cast<int>(blockIdx.x) >= num_m_blocks) return;
+  const int m0 = (num_m_blocks - 1 - static_cast<int>(blockIdx.x)) * kBlockM;
+  const int kv_head = head / (p.num_heads_q / p.num_heads_k);
+  // Coordinates in the rank-4 tensor maps (d, row, head, batch); varlen maps are one batch.
+  const int map_batch = varlen ? 0 : batch;
+
+  const int diag = seqlen_k - seqlen_q;
+  const int wl = p.window_left, wr = p.window_right;
+  const int m_last = min(m0 + kBlockM, seqlen_q) - 1;
+  const int key_lo = wl >= 0 ? max(0, m0 + diag - wl) : 0;
+  const int key_hi = wr >= 0 ? min(seqlen_k, m_last + diag + wr + 1) : seqlen_k;
+  const int n_first = key_lo / BN * BN;
+  const int num_tiles = key_hi > key_lo ? (key_hi - n_first + BN - 1) / BN : 0;
+
+  if (threadIdx.x == 0) {
+    mbarrier_init(&bars.q_full, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(&bars.k_full[s], 1);
+      mbarrier_init(&bars.v_full[s], 1);
+      mbarrier_init(&bars.k_empty[s], 8);  // every consumer warp arrives
+      mbarrier_init(&bars.v_empty[s], 8);
+    }
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    // -- Producer ----------------------------------------------------------------------------
+    registers_shrink<kProducerRegisters>();
+    if (threadIdx.x != 0 || num_tiles == 0) return;
+    tma_prefetch_descriptor(&params.q_map);
+    tma_prefetch_descriptor(&params.k_map);
+    tma_prefetch_descriptor(&params.v_map);
+    mbarrier_arrive_expect_tx(&bars.q_full, C::kQBytes);
+#pragma unroll
+    for (int b = 0; b < kColBlocks; ++b)
+      tma_load_4d(&params.q_map, &bars.q_full, sQ + b * C::kColBlockQ, 64 * b, q_start + m0, head, map_batch,
+                  kEvictFirst);
+    for (int j = 0; j < num_tiles; ++j) {
+      const int stage = j % kStages;
+      const uint32_t phase = (j / kStages) & 1;
+      const int row = k_start + n_first + j * BN;
+      // A fresh barrier counts as having completed the phase before its first, so the first
+      // pass through the ring does not wait.
+      mbarrier_wait(&bars.k_empty[stage], phase ^ 1);
+      mbarrier_arrive_expect_tx(&bars.k_full[stage], C::kKVBytes);
+#pragma unroll
+      for (int b = 0; b < kColBlocks; ++b)
+        tma_load_4d(&params.k_map, &bars.k_full[stage], sK + stage * C::kKVBytes + b * C::kColBlockKV, 64 * b, row,
+                    kv_head, map_batch, kEvictLast);
+      mbarrier_wait(&bars.v_empty[stage], phase ^ 1);
+      mbarrier_arrive_expect_tx(&bars.v_full[stage], C::kKVBytes);
+#pragma unroll
+      for (int b = 0; b < kColBlocks; ++b)
+        tma_load_4d(&params.v_map, &bars.v_full[stage], sV + stage * C::kKVBytes + b * C::kColBlockKV, 64 * b, row,
+                    kv_head, map_batch, kEvictLast);
+    }
+    return;
+  }
+
+  // -- Consumers -------------------------------------------------------------------------------
+  registers_grow<kConsumerRegisters>();
+  const int consumer = warpgroup - 1;
+  const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, q2 = 2 * (lane % 4);
+  const int wg_row0 = 64 * consumer;               // this warpgroup's rows, relative to m0
+  const int row_g = wg_row0 + 16 * warp + g;       // this thread's rows: row_g and row_g + 8
+
+  const bool use_softcap = p.softcap > 0.f;
+  // Scores in log2 units, as in flash_fwd_kernel.h: with a positive scale and no softcap the
+  // scale folds into the exponent (one FFMA per score).
+  const float pre = use_softcap ? p.softmax_scale / p.softcap : p.softmax_scale * kLog2e;
+  const bool fold_scale = !use_softcap && pre > 0.f;
+  const float exp_scale = fold_scale ? pre : 1.f;
+  ScoreMask mask;
+  mask.pre = pre;
+  mask.post = p.softcap * kLog2e;
+  mask.use_softcap = use_softcap;
+  mask.scale_scores = !use_softcap && !fold_scale;
+  mask.key_end_rel = seqlen_k - 1 - q2;
+  {
+    const int pos = m0 + row_g + diag - q2;  // key of row g's diagonal, relative to column 2q
+    mask.first_rel = wl >= 0 ? pos - wl : -(1 << 30);
+    mask.last_rel = wr >= 0 ? pos + wr : (1 << 30);
+  }
+  // Keys this warpgroup's rows can see at most. Tiles none of them see are still multiplied
+  // (and fully masked): a product issued under a branch makes ptxas serialize every wgmma.
+  const int wg_first_row = m0 + wg_row0, wg_last_row = m0 + wg_row0 + 63;
+  const int wg_lo = wl >= 0 ? wg_first_row + diag - wl : INT_MIN;
+  const int wg_hi = wg_first_row >= seqlen_q ? -1 : wr >= 0 ? wg_last_row + diag + wr : INT_MAX;
+  auto tile_needs_mask = [&](int n0) {
+    return n0 + BN > seqlen_k || n0 + BN - 1 > wg_hi - 63 || n0 < wg_lo + 63;
+  };
+
+  const uint32_t q_addr = smem_addr(sQ) + wg_row0 * 128;
+  const uint32_t k_addr = smem_addr(sK), v_addr = smem_addr(sV);
+
+  float o[kColBlocks][32];
+#pragma unroll
+  for (int b = 0; b < kColBlocks; ++b)
+#pragma unroll
+    for (int i = 0; i < 32; ++i) o[b][i] = 0.f;
+  Softmax<BN> softmax;
+  float s[BN / 2];
+  uint32_t pa[BN / 16][4];  // P(j - 1) as the A operand of O += P V
+
+  // S = Q K(stage)^T: D / 16 k-steps, four per 64-column block (32 bytes each in a 128-byte row).
+  auto issue_qk = [&](int stage) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t offset_q = (kk / 4) * C::kColBlockQ + (kk % 4) * 32;
+      const uint32_t offset_k = stage * C::kKVBytes + (kk / 4) * C::kColBlockKV + (kk % 4) * 32;
+      Wgmma<T>::ss(s, smem_descriptor(q_addr + offset_q, 0), smem_descriptor(k_addr + offset_k, 0), kk > 0);
+    }
+  };
+  // O += P V(stage): per 16 keys (2 KiB of 128-byte rows) one product per 64-column block of O.
+  auto issue_pv = [&](int stage) {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+      for (int b = 0; b < kColBlocks; ++b) {
+        const uint32_t offset_v = stage * C::kKVBytes + b * C::kColBlockKV + kk * 16 * 128;
+        Wgmma<T>::rs(o[b], pa[kk], smem_descriptor(v_addr + offset_v, C::kColBlockKV), 1);
+      }
+  };
+  auto pack_p = [&] {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+  };
+  auto rescale_o = [&](const float (&alpha)[2]) {
+#pragma unroll
+    for (int b = 0; b < kColBlocks; ++b)
+#pragma unroll
+      for (int i = 0; i < 32; ++i) o[b][i] *= alpha[(i >> 1) & 1];
+  };
+  auto release = [&](uint64_t* bar) {
+    if (lane == 0) mbarrier_arrive(bar);
+  };
+  // Ping-pong: a consumer issues its products only on its turn, then hands the turn over.
+  auto wait_turn = [&] { named_barrier_sync(kTurnBarrier + consumer, 256); };
+  auto pass_turn = [&] { named_barrier_arrive(kTurnBarrier + (consumer ^ 1), 256); };
+
+  if (num_tiles > 0) {
+    if (consumer == 1) pass_turn();  // consumer 0 goes first
+    mbarrier_wait(&bars.q_full, 0);
+
+    // Tile 0: S only.
+    {
+      const int n0 = n_first;
+      mbarrier_wait(&bars.k_full[0], 0);
+      wait_turn();
+      wgmma_fence();
+      issue_qk(0);
+      wgmma_commit();
+      pass_turn();
+      wgmma_wait<0>();
+      fence_registers(s);
+      release(&bars.k_empty[0]);
+      mask.apply<BN>(s, n0, tile_needs_mask(n0));
+      float alpha[2];
+      softmax.step(s, exp_scale, alpha);
+      pack_p();
+    }
+
+    // Tile j: S(j) and P(j-1) V(j-1) in flight together; the softmax of S(j) runs under P V.
+    for (int j = 1; j < num_tiles; ++j) {
+      const int stage = j % kStages, prev_stage = (j - 1) % kStages;
+      const uint32_t phase = (j / kStages) & 1, prev_phase = ((j - 1) / kStages) & 1;
+      const int n0 = n_first + j * BN;
+      mbarrier_wait(&bars.k_full[stage], phase);
+      mbarrier_wait(&bars.v_full[prev_stage], prev_phase);
+      wait_turn();
+      wgmma_fence();
+      issue_qk(stage);
+      wgmma_commit();
+      issue_pv(prev_stage);
+      wgmma_commit();
+      pass_turn();
+      wgmma_wait<1>();
+      fence_registers(s);
+      release(&bars.k_empty[stage]);
+      mask.apply<BN>(s, n0, tile_needs_mask(n0));
+      float alpha[2];
+      softmax.step(s, exp_scale, alpha);
+      wgmma_wait<0>();
+#pragma unroll
+      for (int b = 0; b < kColBlocks; ++b) fence_registers(o[b]);
+      release(&bars.v_empty[prev_stage]);
+      rescale_o(alpha);
+      pack_p();
+    }
+
+    // The last tile's P V.
+    {
+      const int stage = (num_tiles - 1) % kStages;
+      const uint32_t phase = ((num_tiles - 1) / kStages) & 1;
+      mbarrier_wait(&bars.v_full[stage], phase);
+      wait_turn();
+      wgmma_fence();
+      issue_pv(stage);
+      wgmma_commit();
+      pass_turn();
+      wgmma_wait<0>();
+#pragma unroll
+      for (int b = 0; b < kColBlocks; ++b) fence_registers(o[b]);
+      release(&bars.v_empty[stage]);
+    }
+    if (consumer == 0) wait_turn();  // takes consumer 1's last hand-over: no barrier left half-arrived
+  }
+
+  // -- Epilogue: O / l and lse; rows that saw no key get 0 and -inf ---------------------------------
+  float inv[2], lse[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float sum = softmax.row_sum[h];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    inv[h] = sum > 0.f ? 1.f / sum : 0.f;
+    lse[h] = sum > 0.f ? (softmax.row_max[h] * exp_scale + __log2f(sum)) * kLn2 : -INFINITY;
+  }
+  if (lane % 4 == 0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = m0 + row_g + 8 * h;
+      if (r < seqlen_q)
+        p.lse[batch * p.lse_stride_b + head * p.lse_stride_h + static_cast<int64_t>(q_start + r) * p.lse_stride_s] =
+            lse[h];
+    }
+  }
+  // Stage this warpgroup's rows in its own part of the Q tile (its products are done with it),
+  // in the same 128-byte swizzle, then store whole 16-byte chunks per thread.
+  unsigned char* stage_o = sQ + wg_row0 * 128;
+#pragma unroll
+  for (int b = 0; b < kColBlocks; ++b)
+#pragma unroll
+    for (int c = 0; c < 8; ++c)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = row_g - wg_row0 + 8 * h;
+        const uint32_t v = pack2<T>(o[b][4 * c + 2 * h] * inv[h], o[b][4 * c + 2 * h + 1] * inv[h]);
+        *reinterpret_cast<uint32_t*>(stage_o + b * C::kColBlockQ + r * 128 + ((c ^ (r & 7)) * 16) + 2 * q2) = v;
+      }
+  named_barrier_sync(kEpilogueBarrier + consumer, 128);
+  T* out = static_cast<T*>(p.out) + batch * p.o_stride_b + static_cast<int64_t>(q_start) * p.o_stride_s +
+           head * p.o_stride_h;
+  constexpr int kChunksPerRow = D / 8;
+#pragma unroll
+  for (int i = tid; i < 64 * kChunksPerRow; i += 128) {
+    const int r = i / kChunksPerRow, chunk = i % kChunksPerRow, b = chunk / 8, c = chunk % 8;
+    const int row = m0 + wg_row0 + r;
+    if (row < seqlen_q)
+      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row) * p.o_stride_s + chunk * 8) =
+          *reinterpret_cast<const uint4*>(stage_o + b * C::kColBlockQ + r * 128 + ((c ^ (r & 7)) * 16));
+  }
+#endif
+}
+
+template <typename T, int D>
+Status launch_flash_fwd_sm90(const Sm90Params& params, cudaStream_t stream) {
+  using C = Config<D>;
+  auto kernel = flash_fwd_sm90_kernel<T, D>;
+  int device = 0;
+  LEPTON_RETURN_IF_CUDA_ERROR(cudaGetDevice(&device));
+  static bool opted_in[64] = {};
+  if (device >= 64 || !opted_in[device]) {
+    LEPTON_RETURN_IF_CUDA_ERROR(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+    if (device < 64) opted_in[device] = true;
+  }
+  const FlashFwdParams& p = params.p;
+  const dim3 grid((p.seqlen_q + kBlockM - 1) / kBlockM, p.num_heads_q, p.batch);
+  kernel<<<grid, kThreads, C::kSmemBytes, stream>>>(params);
+  LEPTON_RETURN_IF_CUDA_ERROR(cudaGetLastError());
+  return Status::Ok();
+}
+
+}  // namespace flash90
+}  // namespace lepton
