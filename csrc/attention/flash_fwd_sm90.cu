@@ -70,6 +70,22 @@ Status make_map(CUtensorMap* map, const void* base, DType dtype, int d, int64_t 
   return Status::Ok();
 }
 
+// How many (sequence, head) pairs' K and V fit in half of L2 (a power of two, at least 1).
+int section_pairs(const FlashFwdParams& p) {
+  int device = 0, l2_bytes = 0;
+  cudaGetDevice(&device);
+  if (cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device) != cudaSuccess || l2_bytes <= 0)
+    l2_bytes = 50 << 20;
+  const int64_t group = p.num_heads_q / p.num_heads_k;
+  const int64_t kv_bytes = 2ll * p.seqlen_k * p.head_dim * 2;  // K and V of one kv head
+  const int64_t per_pair = (kv_bytes + group - 1) / group;     // the q heads of a group share it
+  const int64_t fit = per_pair > 0 ? (l2_bytes / 2) / per_pair : 1;
+  const int64_t pairs = static_cast<int64_t>(p.batch) * p.num_heads_q;
+  int sp = 1;
+  while (2ll * sp <= fit && 2ll * sp <= pairs) sp *= 2;
+  return sp;
+}
+
 template <typename T>
 Status dispatch_head_dim(const Sm90Params& params, cudaStream_t stream) {
   switch (params.p.head_dim) {
@@ -117,6 +133,7 @@ Status flash_fwd_sm90(const FlashFwdParams& p, cudaStream_t stream) {
   s = make_map(&params.v_map, p.v, p.dtype, p.head_dim, rows_k, p.num_heads_k, batch, p.v_stride_s, p.v_stride_h,
                p.v_stride_b, block_n);
   if (!s.ok) return s;
+  params.section_pairs = section_pairs(p);
   return p.dtype == DType::kFloat16 ? dispatch_head_dim<__half>(params, stream)
                                     : dispatch_head_dim<__nv_bfloat16>(params, stream);
 }

@@ -19,6 +19,7 @@ struct Sm90Params {
   CUtensorMap k_map;
   CUtensorMap v_map;
   FlashFwdParams p;
+  int section_pairs = 1;  // (sequence, head) pairs whose K and V share L2 under causal or window masks
 };
 
 // Keys per tile of the kernel for a head dim (its Config<D>::kBlockN); also the TMA box height.

@@ -1,7 +1,8 @@
 // The Hopper attention forward (sm_90a): TMA loads by a producer warp, wgmma by two consumer
 // warpgroups, softmax overlapped with the previous tile's P V product.
 //
-// A CTA owns 128 query rows of one (sequence, query head) and has three warpgroups:
+// A work tile is 128 query rows of one (sequence, query head); persistent CTAs (one per SM)
+// walk the work tiles, each CTA with three warpgroups:
 // * warpgroup 0, the producer: one thread issues the TMA loads of Q (once) and of each K and V
 //   tile into a two-stage ring of shared buffers, each stage guarded by a "full" mbarrier (bytes
 //   landed) and an "empty" one (both consumers are done reading). The warpgroup gives most of its
@@ -51,9 +52,8 @@ constexpr int kConsumerRegisters = 240;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// Named barrier ids (0 is __syncthreads): the consumers' turns, then each consumer's epilogue.
+// Named barrier ids (0 is __syncthreads): the consumers' turns.
 constexpr int kTurnBarrier = 1;
-constexpr int kEpilogueBarrier = 3;
 
 template <int D>
 struct Config {
@@ -71,7 +71,7 @@ struct Config {
 };
 
 struct SharedBarriers {
-  uint64_t q_full;
+  uint64_t q_full, q_empty;
   uint64_t k_full[kStages], k_empty[kStages];
   uint64_t v_full[kStages], v_empty[kStages];
 };
@@ -168,6 +168,60 @@ struct ScoreMask {
   }
 };
 
+// One unit of work: 128 query rows of one (sequence, query head), and the key tiles they see.
+struct WorkTile {
+  bool valid;  // false: past the end of a shorter sequence (varlen), nothing to do
+  int batch, head, m0;
+  int q_start, k_start, seqlen_q, seqlen_k;
+  int n_first, num_tiles;  // key tiles [n_first, n_first + num_tiles * kBlockN)
+};
+
+// Work tiles are numbered for a static round robin over persistent CTAs. The CTAs running at
+// once must share K and V in L2: every row block reads all of its head's keys, at about 128
+// FLOPs per byte, which HBM alone cannot feed. Without causal or window masks the row blocks of
+// one head are consecutive. With them, row blocks differ in length, so the longest go first
+// (the last row blocks of a section's (sequence, head) pairs, then the second-to-last ones...)
+// within sections of `section_pairs` pairs whose K and V fit in L2 together.
+template <int BN>
+__device__ __forceinline__ WorkTile make_work_tile(const FlashFwdParams& p, int t, int num_m_blocks_max,
+                                                   bool longest_first, int section_pairs) {
+  WorkTile w;
+  const int pairs = p.batch * p.num_heads_q;
+  int m_rev, pair;
+  if (longest_first) {
+    const int section = t / (section_pairs * num_m_blocks_max), rem = t % (section_pairs * num_m_blocks_max);
+    const int in_section = min(section_pairs, pairs - section * section_pairs);  // the last one may be short
+    m_rev = rem / in_section, pair = section * section_pairs + rem % in_section;
+  } else {
+    m_rev = t % num_m_blocks_max, pair = t / num_m_blocks_max;
+  }
+  w.batch = pair / p.num_heads_q;
+  w.head = pair % p.num_heads_q;
+  w.q_start = 0, w.k_start = 0, w.seqlen_q = p.seqlen_q, w.seqlen_k = p.seqlen_k;
+  if (p.cu_seqlens_q != nullptr) {
+    w.q_start = p.cu_seqlens_q[w.batch];
+    w.seqlen_q = p.cu_seqlens_q[w.batch + 1] - w.q_start;
+    w.k_start = p.cu_seqlens_k[w.batch];
+    w.seqlen_k = p.cu_seqlens_k[w.batch + 1] - w.k_start;
+  }
+  if (p.kv_lens != nullptr) w.seqlen_k = max(0, min(w.seqlen_k, p.kv_lens[w.batch]));
+  const int num_m_blocks = (w.seqlen_q + kBlockM - 1) / kBlockM;
+  w.valid = m_rev < num_m_blocks;
+  w.m0 = (num_m_blocks - 1 - m_rev) * kBlockM;
+  // Keys any row of the tile sees: [key_lo, key_hi). Query i sees key j iff
+  // i + diag - left <= j <= i + diag + right (bottom-right aligned; -1 = unbounded).
+  const int diag = w.seqlen_k - w.seqlen_q, wl = p.window_left, wr = p.window_right;
+  const int m_last = min(w.m0 + kBlockM, w.seqlen_q) - 1;
+  const int key_lo = wl >= 0 ? max(0, w.m0 + diag - wl) : 0;
+  const int key_hi = wr >= 0 ? min(w.seqlen_k, m_last + diag + wr + 1) : w.seqlen_k;
+  w.n_first = key_lo / BN * BN;
+  w.num_tiles = w.valid && key_hi > key_lo ? (key_hi - w.n_first + BN - 1) / BN : 0;
+  return w;
+}
+
+// Persistent: each CTA walks work tiles blockIdx.x, + gridDim.x, ... The producer runs ahead
+// into the next work tile (its first K tile, then Q once the consumers are done with the old
+// one) while the consumers finish the last product and store the outputs of the current one.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __grid_constant__ Sm90Params params) {
 #ifdef LEPTON_SM90_STUB
@@ -185,40 +239,19 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
   unsigned char* sV = sK + kStages * C::kKVBytes;
   SharedBarriers& bars = *reinterpret_cast<SharedBarriers*>(sV + kStages * C::kKVBytes);
 
-  const int head = blockIdx.y, batch = blockIdx.z;
-  int q_start = 0, k_start = 0, seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k;
+  const int num_m_blocks_max = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int num_work = num_m_blocks_max * p.batch * p.num_heads_q;
+  const bool longest_first = p.window_left >= 0 || p.window_right >= 0;
+  const int group = p.num_heads_q / p.num_heads_k;
   const bool varlen = p.cu_seqlens_q != nullptr;
-  if (varlen) {
-    q_start = p.cu_seqlens_q[batch];
-    seqlen_q = p.cu_seqlens_q[batch + 1] - q_start;
-    k_start = p.cu_seqlens_k[batch];
-    seqlen_k = p.cu_seqlens_k[batch + 1] - k_start;
-  }
-  if (p.kv_lens != nullptr) seqlen_k = max(0, min(seqlen_k, p.kv_lens[batch]));
-
-  // Last row blocks first: under causal masks they carry the most keys, so the grid's tail is
-  // made of short CTAs.
-  const int num_m_blocks = (seqlen_q + kBlockM - 1) / kBlockM;
-  if (static_cast<int>(blockIdx.x) >= num_m_blocks) return;
-  const int m0 = (num_m_blocks - 1 - static_cast<int>(blockIdx.x)) * kBlockM;
-  const int kv_head = head / (p.num_heads_q / p.num_heads_k);
-  // Coordinates in the rank-4 tensor maps (d, row, head, batch); varlen maps are one batch.
-  const int map_batch = varlen ? 0 : batch;
-
-  const int diag = seqlen_k - seqlen_q;
-  const int wl = p.window_left, wr = p.window_right;
-  const int m_last = min(m0 + kBlockM, seqlen_q) - 1;
-  const int key_lo = wl >= 0 ? max(0, m0 + diag - wl) : 0;
-  const int key_hi = wr >= 0 ? min(seqlen_k, m_last + diag + wr + 1) : seqlen_k;
-  const int n_first = key_lo / BN * BN;
-  const int num_tiles = key_hi > key_lo ? (key_hi - n_first + BN - 1) / BN : 0;
 
   if (threadIdx.x == 0) {
     mbarrier_init(&bars.q_full, 1);
+    mbarrier_init(&bars.q_empty, 8);  // every consumer warp arrives
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(&bars.k_full[s], 1);
       mbarrier_init(&bars.v_full[s], 1);
-      mbarrier_init(&bars.k_empty[s], 8);  // every consumer warp arrives
+      mbarrier_init(&bars.k_empty[s], 8);
       mbarrier_init(&bars.v_empty[s], 8);
     }
     mbarrier_init_fence();
@@ -229,33 +262,42 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
   if (warpgroup == 0) {
     // -- Producer ----------------------------------------------------------------------------
     registers_shrink<kProducerRegisters>();
-    if (threadIdx.x != 0 || num_tiles == 0) return;
+    if (threadIdx.x != 0) return;
     tma_prefetch_descriptor(&params.q_map);
     tma_prefetch_descriptor(&params.k_map);
     tma_prefetch_descriptor(&params.v_map);
-    mbarrier_arrive_expect_tx(&bars.q_full, C::kQBytes);
-#pragma unroll
-    for (int b = 0; b < kColBlocks; ++b)
-      tma_load_4d(&params.q_map, &bars.q_full, sQ + b * C::kColBlockQ, 64 * b, q_start + m0, head, map_batch,
-                  kEvictFirst);
-    for (int j = 0; j < num_tiles; ++j) {
-      const int stage = j % kStages;
-      const uint32_t phase = (j / kStages) & 1;
-      const int row = k_start + n_first + j * BN;
-      // A fresh barrier counts as having completed the phase before its first, so the first
-      // pass through the ring does not wait.
-      mbarrier_wait(&bars.k_empty[stage], phase ^ 1);
-      mbarrier_arrive_expect_tx(&bars.k_full[stage], C::kKVBytes);
+    // A fresh barrier counts as having completed the phase before its first, so the first
+    // pass through each "empty" barrier does not wait.
+    int ring = 0, q_loads = 0;  // K/V tiles and Q tiles loaded so far, over all work tiles
+    auto load_kv = [&](const CUtensorMap* map, uint64_t* full, uint64_t* empty, unsigned char* dst, int it, int row,
+                       int kv_head, int map_batch) {
+      const int stage = it % kStages;
+      mbarrier_wait(&empty[stage], ((it / kStages) & 1) ^ 1);
+      mbarrier_arrive_expect_tx(&full[stage], C::kKVBytes);
 #pragma unroll
       for (int b = 0; b < kColBlocks; ++b)
-        tma_load_4d(&params.k_map, &bars.k_full[stage], sK + stage * C::kKVBytes + b * C::kColBlockKV, 64 * b, row,
-                    kv_head, map_batch, kEvictLast);
-      mbarrier_wait(&bars.v_empty[stage], phase ^ 1);
-      mbarrier_arrive_expect_tx(&bars.v_full[stage], C::kKVBytes);
+        tma_load_4d(map, &full[stage], dst + stage * C::kKVBytes + b * C::kColBlockKV, 64 * b, row, kv_head,
+                    map_batch, kEvictLast);
+    };
+    for (int t = blockIdx.x; t < num_work; t += gridDim.x) {
+      const WorkTile w = make_work_tile<BN>(p, t, num_m_blocks_max, longest_first, params.section_pairs);
+      if (w.num_tiles == 0) continue;
+      const int kv_head = w.head / group, map_batch = varlen ? 0 : w.batch;  // varlen maps are one batch
+      const int row0 = w.k_start + w.n_first;
+      load_kv(&params.k_map, bars.k_full, bars.k_empty, sK, ring, row0, kv_head, map_batch);
+      mbarrier_wait(&bars.q_empty, (q_loads & 1) ^ 1);
+      mbarrier_arrive_expect_tx(&bars.q_full, C::kQBytes);
 #pragma unroll
       for (int b = 0; b < kColBlocks; ++b)
-        tma_load_4d(&params.v_map, &bars.v_full[stage], sV + stage * C::kKVBytes + b * C::kColBlockKV, 64 * b, row,
-                    kv_head, map_batch, kEvictLast);
+        tma_load_4d(&params.q_map, &bars.q_full, sQ + b * C::kColBlockQ, 64 * b, w.q_start + w.m0, w.head, map_batch,
+                    kEvictFirst);
+      ++q_loads;
+      load_kv(&params.v_map, bars.v_full, bars.v_empty, sV, ring, row0, kv_head, map_batch);
+      for (int j = 1; j < w.num_tiles; ++j) {
+        load_kv(&params.k_map, bars.k_full, bars.k_empty, sK, ring + j, row0 + j * BN, kv_head, map_batch);
+        load_kv(&params.v_map, bars.v_full, bars.v_empty, sV, ring + j, row0 + j * BN, kv_head, map_batch);
+      }
+      ring += w.num_tiles;
     }
     return;
   }
@@ -265,8 +307,8 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
   const int consumer = warpgroup - 1;
   const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, q2 = 2 * (lane % 4);
-  const int wg_row0 = 64 * consumer;               // this warpgroup's rows, relative to m0
-  const int row_g = wg_row0 + 16 * warp + g;       // this thread's rows: row_g and row_g + 8
+  const int wg_row0 = 64 * consumer;          // this warpgroup's rows, relative to m0
+  const int row_g = wg_row0 + 16 * warp + g;  // this thread's rows: row_g and row_g + 8
 
   const bool use_softcap = p.softcap > 0.f;
   // Scores in log2 units, as in flash_fwd_kernel.h: with a positive scale and no softcap the
@@ -274,35 +316,12 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
   const float pre = use_softcap ? p.softmax_scale / p.softcap : p.softmax_scale * kLog2e;
   const bool fold_scale = !use_softcap && pre > 0.f;
   const float exp_scale = fold_scale ? pre : 1.f;
-  ScoreMask mask;
-  mask.pre = pre;
-  mask.post = p.softcap * kLog2e;
-  mask.use_softcap = use_softcap;
-  mask.scale_scores = !use_softcap && !fold_scale;
-  mask.key_end_rel = seqlen_k - 1 - q2;
-  {
-    const int pos = m0 + row_g + diag - q2;  // key of row g's diagonal, relative to column 2q
-    mask.first_rel = wl >= 0 ? pos - wl : -(1 << 30);
-    mask.last_rel = wr >= 0 ? pos + wr : (1 << 30);
-  }
-  // Keys this warpgroup's rows can see at most. Tiles none of them see are still multiplied
-  // (and fully masked): a product issued under a branch makes ptxas serialize every wgmma.
-  const int wg_first_row = m0 + wg_row0, wg_last_row = m0 + wg_row0 + 63;
-  const int wg_lo = wl >= 0 ? wg_first_row + diag - wl : INT_MIN;
-  const int wg_hi = wg_first_row >= seqlen_q ? -1 : wr >= 0 ? wg_last_row + diag + wr : INT_MAX;
-  auto tile_needs_mask = [&](int n0) {
-    return n0 + BN > seqlen_k || n0 + BN - 1 > wg_hi - 63 || n0 < wg_lo + 63;
-  };
+  const int wl = p.window_left, wr = p.window_right;
 
   const uint32_t q_addr = smem_addr(sQ) + wg_row0 * 128;
   const uint32_t k_addr = smem_addr(sK), v_addr = smem_addr(sV);
 
   float o[kColBlocks][32];
-#pragma unroll
-  for (int b = 0; b < kColBlocks; ++b)
-#pragma unroll
-    for (int i = 0; i < 32; ++i) o[b][i] = 0.f;
-  Softmax<BN> softmax;
   float s[BN / 2];
   uint32_t pa[BN / 16][4];  // P(j - 1) as the A operand of O += P V
 
@@ -340,125 +359,139 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
 #pragma unroll
       for (int i = 0; i < 32; ++i) o[b][i] *= alpha[(i >> 1) & 1];
   };
+  auto fence_o = [&] {
+#pragma unroll
+    for (int b = 0; b < kColBlocks; ++b) fence_registers(o[b]);
+  };
   auto release = [&](uint64_t* bar) {
     if (lane == 0) mbarrier_arrive(bar);
   };
   // Ping-pong: a consumer issues its products only on its turn, then hands the turn over.
   auto wait_turn = [&] { named_barrier_sync(kTurnBarrier + consumer, 256); };
   auto pass_turn = [&] { named_barrier_arrive(kTurnBarrier + (consumer ^ 1), 256); };
+  if (consumer == 1) pass_turn();  // consumer 0 goes first
 
-  if (num_tiles > 0) {
-    if (consumer == 1) pass_turn();  // consumer 0 goes first
-    mbarrier_wait(&bars.q_full, 0);
+  int ring = 0, q_loads = 0;  // as the producer counts them
+  for (int t = blockIdx.x; t < num_work; t += gridDim.x) {
+    const WorkTile w = make_work_tile<BN>(p, t, num_m_blocks_max, longest_first, params.section_pairs);
+    if (!w.valid) continue;
 
-    // Tile 0: S only.
-    {
-      const int n0 = n_first;
-      mbarrier_wait(&bars.k_full[0], 0);
-      wait_turn();
-      wgmma_fence();
-      issue_qk(0);
-      wgmma_commit();
-      pass_turn();
-      wgmma_wait<0>();
-      fence_registers(s);
-      release(&bars.k_empty[0]);
-      mask.apply<BN>(s, n0, tile_needs_mask(n0));
-      float alpha[2];
-      softmax.step(s, exp_scale, alpha);
-      pack_p();
+    const int diag = w.seqlen_k - w.seqlen_q;
+    ScoreMask mask;
+    mask.pre = pre;
+    mask.post = p.softcap * kLog2e;
+    mask.use_softcap = use_softcap;
+    mask.scale_scores = !use_softcap && !fold_scale;
+    mask.key_end_rel = w.seqlen_k - 1 - q2;
+    const int pos = w.m0 + row_g + diag - q2;  // key of row g's diagonal, relative to column 2q
+    mask.first_rel = wl >= 0 ? pos - wl : -(1 << 30);
+    mask.last_rel = wr >= 0 ? pos + wr : (1 << 30);
+    // Keys this warpgroup's rows can see at most. Tiles none of them see are still multiplied
+    // (and fully masked): a product issued under a branch makes ptxas serialize every wgmma.
+    const int wg_first_row = w.m0 + wg_row0, wg_last_row = wg_first_row + 63;
+    const int wg_lo = wl >= 0 ? wg_first_row + diag - wl : INT_MIN;
+    const int wg_hi = wg_first_row >= w.seqlen_q ? -1 : wr >= 0 ? wg_last_row + diag + wr : INT_MAX;
+    auto tile_needs_mask = [&](int n0) {
+      return n0 + BN > w.seqlen_k || n0 + BN - 1 > wg_hi - 63 || n0 < wg_lo + 63;
+    };
+
+#pragma unroll
+    for (int b = 0; b < kColBlocks; ++b)
+#pragma unroll
+      for (int i = 0; i < 32; ++i) o[b][i] = 0.f;
+    Softmax<BN> softmax;
+
+    if (w.num_tiles > 0) {
+      mbarrier_wait(&bars.q_full, q_loads & 1);
+      {  // Key tile 0: S only.
+        const int stage = ring % kStages;
+        mbarrier_wait(&bars.k_full[stage], (ring / kStages) & 1);
+        wait_turn();
+        wgmma_fence();
+        issue_qk(stage);
+        wgmma_commit();
+        pass_turn();
+        wgmma_wait<0>();
+        fence_registers(s);
+        release(&bars.k_empty[stage]);
+        mask.apply<BN>(s, w.n_first, tile_needs_mask(w.n_first));
+        float alpha[2];
+        softmax.step(s, exp_scale, alpha);
+        pack_p();
+      }
+      // Key tile j: S(j) and P(j-1) V(j-1) in flight together; the softmax of S(j) runs under P V.
+      for (int j = 1; j < w.num_tiles; ++j) {
+        const int it = ring + j, stage = it % kStages, prev_stage = (it - 1) % kStages;
+        const int n0 = w.n_first + j * BN;
+        mbarrier_wait(&bars.k_full[stage], (it / kStages) & 1);
+        mbarrier_wait(&bars.v_full[prev_stage], ((it - 1) / kStages) & 1);
+        wait_turn();
+        wgmma_fence();
+        issue_qk(stage);
+        wgmma_commit();
+        issue_pv(prev_stage);
+        wgmma_commit();
+        pass_turn();
+        wgmma_wait<1>();
+        fence_registers(s);
+        release(&bars.k_empty[stage]);
+        mask.apply<BN>(s, n0, tile_needs_mask(n0));
+        float alpha[2];
+        softmax.step(s, exp_scale, alpha);
+        wgmma_wait<0>();
+        fence_o();
+        release(&bars.v_empty[prev_stage]);
+        rescale_o(alpha);
+        pack_p();
+      }
+      release(&bars.q_empty);  // every S of this work tile is done: the producer may load the next Q
+      ++q_loads;
+      {  // The last key tile's P V.
+        const int it = ring + w.num_tiles - 1, stage = it % kStages;
+        mbarrier_wait(&bars.v_full[stage], (it / kStages) & 1);
+        wait_turn();
+        wgmma_fence();
+        issue_pv(stage);
+        wgmma_commit();
+        pass_turn();
+        wgmma_wait<0>();
+        fence_o();
+        release(&bars.v_empty[stage]);
+      }
+      ring += w.num_tiles;
     }
 
-    // Tile j: S(j) and P(j-1) V(j-1) in flight together; the softmax of S(j) runs under P V.
-    for (int j = 1; j < num_tiles; ++j) {
-      const int stage = j % kStages, prev_stage = (j - 1) % kStages;
-      const uint32_t phase = (j / kStages) & 1, prev_phase = ((j - 1) / kStages) & 1;
-      const int n0 = n_first + j * BN;
-      mbarrier_wait(&bars.k_full[stage], phase);
-      mbarrier_wait(&bars.v_full[prev_stage], prev_phase);
-      wait_turn();
-      wgmma_fence();
-      issue_qk(stage);
-      wgmma_commit();
-      issue_pv(prev_stage);
-      wgmma_commit();
-      pass_turn();
-      wgmma_wait<1>();
-      fence_registers(s);
-      release(&bars.k_empty[stage]);
-      mask.apply<BN>(s, n0, tile_needs_mask(n0));
-      float alpha[2];
-      softmax.step(s, exp_scale, alpha);
-      wgmma_wait<0>();
-#pragma unroll
-      for (int b = 0; b < kColBlocks; ++b) fence_registers(o[b]);
-      release(&bars.v_empty[prev_stage]);
-      rescale_o(alpha);
-      pack_p();
-    }
-
-    // The last tile's P V.
-    {
-      const int stage = (num_tiles - 1) % kStages;
-      const uint32_t phase = ((num_tiles - 1) / kStages) & 1;
-      mbarrier_wait(&bars.v_full[stage], phase);
-      wait_turn();
-      wgmma_fence();
-      issue_pv(stage);
-      wgmma_commit();
-      pass_turn();
-      wgmma_wait<0>();
-#pragma unroll
-      for (int b = 0; b < kColBlocks; ++b) fence_registers(o[b]);
-      release(&bars.v_empty[stage]);
-    }
-    if (consumer == 0) wait_turn();  // takes consumer 1's last hand-over: no barrier left half-arrived
-  }
-
-  // -- Epilogue: O / l and lse; rows that saw no key get 0 and -inf ---------------------------------
-  float inv[2], lse[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float sum = softmax.row_sum[h];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    inv[h] = sum > 0.f ? 1.f / sum : 0.f;
-    lse[h] = sum > 0.f ? (softmax.row_max[h] * exp_scale + __log2f(sum)) * kLn2 : -INFINITY;
-  }
-  if (lane % 4 == 0) {
+    // -- Epilogue: O / l and lse; rows that saw no key get 0 and -inf -------------------------------
+    float inv[2], lse[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int r = m0 + row_g + 8 * h;
-      if (r < seqlen_q)
-        p.lse[batch * p.lse_stride_b + head * p.lse_stride_h + static_cast<int64_t>(q_start + r) * p.lse_stride_s] =
-            lse[h];
+      float sum = softmax.row_sum[h];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      inv[h] = sum > 0.f ? 1.f / sum : 0.f;
+      lse[h] = sum > 0.f ? (softmax.row_max[h] * exp_scale + __log2f(sum)) * kLn2 : -INFINITY;
+    }
+    // Straight from the accumulators: a quad writes 16 contiguous bytes of a row per column
+    // tile, and shared memory stays free for the next work tile's loads.
+    T* out = static_cast<T*>(p.out) + w.batch * p.o_stride_b + static_cast<int64_t>(w.q_start) * p.o_stride_s +
+             w.head * p.o_stride_h;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = w.m0 + row_g + 8 * h;
+      if (r >= w.seqlen_q) continue;
+      if (lane % 4 == 0)
+        p.lse[w.batch * p.lse_stride_b + w.head * p.lse_stride_h +
+              static_cast<int64_t>(w.q_start + r) * p.lse_stride_s] = lse[h];
+      T* out_row = out + static_cast<int64_t>(r) * p.o_stride_s + q2;
+#pragma unroll
+      for (int b = 0; b < kColBlocks; ++b)
+#pragma unroll
+        for (int c = 0; c < 8; ++c)
+          *reinterpret_cast<uint32_t*>(out_row + 64 * b + 8 * c) =
+              pack2<T>(o[b][4 * c + 2 * h] * inv[h], o[b][4 * c + 2 * h + 1] * inv[h]);
     }
   }
-  // Stage this warpgroup's rows in its own part of the Q tile (its products are done with it),
-  // in the same 128-byte swizzle, then store whole 16-byte chunks per thread.
-  unsigned char* stage_o = sQ + wg_row0 * 128;
-#pragma unroll
-  for (int b = 0; b < kColBlocks; ++b)
-#pragma unroll
-    for (int c = 0; c < 8; ++c)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = row_g - wg_row0 + 8 * h;
-        const uint32_t v = pack2<T>(o[b][4 * c + 2 * h] * inv[h], o[b][4 * c + 2 * h + 1] * inv[h]);
-        *reinterpret_cast<uint32_t*>(stage_o + b * C::kColBlockQ + r * 128 + ((c ^ (r & 7)) * 16) + 2 * q2) = v;
-      }
-  named_barrier_sync(kEpilogueBarrier + consumer, 128);
-  T* out = static_cast<T*>(p.out) + batch * p.o_stride_b + static_cast<int64_t>(q_start) * p.o_stride_s +
-           head * p.o_stride_h;
-  constexpr int kChunksPerRow = D / 8;
-#pragma unroll
-  for (int i = tid; i < 64 * kChunksPerRow; i += 128) {
-    const int r = i / kChunksPerRow, chunk = i % kChunksPerRow, b = chunk / 8, c = chunk % 8;
-    const int row = m0 + wg_row0 + r;
-    if (row < seqlen_q)
-      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row) * p.o_stride_s + chunk * 8) =
-          *reinterpret_cast<const uint4*>(stage_o + b * C::kColBlockQ + r * 128 + ((c ^ (r & 7)) * 16));
-  }
+  if (consumer == 0) wait_turn();  // takes consumer 1's last hand-over: no barrier left half-arrived
 #endif
 }
 
@@ -475,7 +508,19 @@ Status launch_flash_fwd_sm90(const Sm90Params& params, cudaStream_t stream) {
     if (device < 64) opted_in[device] = true;
   }
   const FlashFwdParams& p = params.p;
-  const dim3 grid((p.seqlen_q + kBlockM - 1) / kBlockM, p.num_heads_q, p.batch);
+  const int64_t num_work = static_cast<int64_t>((p.seqlen_q + kBlockM - 1) / kBlockM) * p.batch * p.num_heads_q;
+  if (num_work > INT_MAX) return Status::Error("flash_attention: too many query blocks for one launch");
+  static int sm_count[64] = {};
+  int sms = device < 64 ? sm_count[device] : 0;
+  if (sms == 0) {
+    LEPTON_RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    if (device < 64) sm_count[device] = sms;
+  }
+  // Persistent (one CTA per SM) when work tiles are alike; with causal or window masks their
+  // lengths differ, and one CTA per work tile lets the hardware hand the next tile to whichever
+  // SM frees first, which balanced better than a static round robin.
+  const bool uneven = p.window_left >= 0 || p.window_right >= 0;
+  const int grid = static_cast<int>(uneven || num_work < sms ? num_work : sms);
   kernel<<<grid, kThreads, C::kSmemBytes, stream>>>(params);
   LEPTON_RETURN_IF_CUDA_ERROR(cudaGetLastError());
   return Status::Ok();
