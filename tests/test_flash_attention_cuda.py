@@ -241,18 +241,24 @@ def test_gpu_public_op_selection():
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-3)
     auto = _backends.select("flash_attention", "auto", *_args(q, k, v, causal=True))
-    hopper = torch.cuda.get_device_capability() >= (9, 0)
-    assert auto.backend == ("triton" if hopper else "cuda")  # Hopper: Triton's wgmma kernel is faster
+    capability = torch.cuda.get_device_capability()
+    # sm_90: the wgmma kernel; newer GPUs: Triton (the sm_90a code does not run there)
+    assert auto.backend == ("triton" if capability > (9, 0) else "cuda")
+    q64, k64, v64 = qkv(2, 128, 160, 8, 2, 64, torch.bfloat16)
+    auto64 = _backends.select("flash_attention", "auto", *_args(q64, k64, v64, causal=True))
+    assert auto64.backend == ("triton" if capability >= (9, 0) else "cuda")  # Triton as fast at D=64
     decode = _backends.select("flash_attention", "auto", *_args(q[:, :1], k, v, causal=True))
     assert decode.backend == "triton"  # split-KV decode
 
 
 @pytest.mark.gpu
 @needs_kernel
-def test_gpu_cuda_graph_and_compile():
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_cuda_graph_and_compile(d):
+    # D = 128 takes the sm_90a kernel on an H100/H200, with its tile counter allocated per call.
     import lepton_kernels as lk
 
-    q, k, v = qkv(2, 128, 160, 8, 2, 64, torch.bfloat16)
+    q, k, v = qkv(2, 128, 160, 8, 2, d, torch.bfloat16)
 
     def attend(q, k, v):
         return lk.flash_attention(q, k, v, causal=True, backend="cuda")
@@ -269,3 +275,15 @@ def test_gpu_cuda_graph_and_compile():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, attend(q, k, v), atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@needs_kernel
+def test_gpu_sm90_kernel_names_what_it_cannot_run():
+    skip_unless_runs("sm90", 128)
+    from lepton_kernels.cuda import flash_attention as fa_cuda
+
+    q, k, v = qkv(1, 64, 64, 2, 2, 96, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="head dims 64, 128 and 256, got 96"):
+        fa_cuda.flash_attention(*_args(q, k, v), kernel="sm90")
+    check(_args(q, k, v))  # "auto" takes the mma.sync kernel for it

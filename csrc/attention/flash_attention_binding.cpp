@@ -15,7 +15,7 @@ namespace {
 // Strides come as [batch, seq, head] for q, k, v, out (batch 0 in a varlen call) and
 // [batch, head, seq] for lse.
 void flash_fwd_py(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t cu_seqlens_q,
-                  uintptr_t cu_seqlens_k, uintptr_t kv_lens, std::vector<int64_t> q_strides,
+                  uintptr_t cu_seqlens_k, uintptr_t kv_lens, uintptr_t tile_counter, std::vector<int64_t> q_strides,
                   std::vector<int64_t> k_strides, std::vector<int64_t> v_strides, std::vector<int64_t> o_strides,
                   std::vector<int64_t> lse_strides, int batch, int num_heads_q, int num_heads_k, int head_dim,
                   int seqlen_q, int seqlen_k, int64_t total_q, int64_t total_k, double softmax_scale, double softcap, int window_left,
@@ -31,6 +31,7 @@ void flash_fwd_py(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_
   p.cu_seqlens_q = as_ptr<const int32_t>(cu_seqlens_q);
   p.cu_seqlens_k = as_ptr<const int32_t>(cu_seqlens_k);
   p.kv_lens = as_ptr<const int32_t>(kv_lens);
+  p.tile_counter = as_ptr<int32_t>(tile_counter);
   p.q_stride_b = q_strides[0], p.q_stride_s = q_strides[1], p.q_stride_h = q_strides[2];
   p.k_stride_b = k_strides[0], p.k_stride_s = k_strides[1], p.k_stride_h = k_strides[2];
   p.v_stride_b = v_strides[0], p.v_stride_s = v_strides[1], p.v_stride_h = v_strides[2];
@@ -58,7 +59,7 @@ void flash_fwd_py(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_
 
 void bind_flash_attention(py::module_& m) {
   m.def("flash_fwd", &flash_fwd_py, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
-        py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("kv_lens"), py::arg("q_strides"),
+        py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("kv_lens"), py::arg("tile_counter"), py::arg("q_strides"),
         py::arg("k_strides"), py::arg("v_strides"), py::arg("o_strides"), py::arg("lse_strides"), py::arg("batch"),
         py::arg("num_heads_q"), py::arg("num_heads_k"), py::arg("head_dim"), py::arg("seqlen_q"),
         py::arg("seqlen_k"), py::arg("total_q"), py::arg("total_k"), py::arg("softmax_scale"), py::arg("softcap"), py::arg("window_left"),

@@ -30,6 +30,9 @@ struct FlashFwdParams {
   const int32_t* cu_seqlens_q = nullptr;  // varlen only: [B + 1]
   const int32_t* cu_seqlens_k = nullptr;
   const int32_t* kv_lens = nullptr;       // optional: [B]
+  // Optional zeroed int32 the sm_90a kernel counts work tiles with (its CTAs then take tiles
+  // dynamically, which balances causal and windowed calls); one per launch.
+  int32_t* tile_counter = nullptr;
 
   // Strides in elements; batch strides are 0 in a varlen call. Every stride (and every base
   // pointer) must be a multiple of 8 elements: tiles move in 16-byte copies.

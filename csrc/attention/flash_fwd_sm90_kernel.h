@@ -47,8 +47,6 @@ using namespace sm90;
 constexpr int kBlockM = 128;           // query rows per CTA: two consumer warpgroups of 64
 constexpr int kStages = 2;             // K and V ring depth
 constexpr int kThreads = 3 * 128;      // producer + two consumers
-constexpr int kProducerRegisters = 24;  // 128 x 24 + 256 x 240 <= 64 K registers per SM
-constexpr int kConsumerRegisters = 240;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -67,10 +65,22 @@ struct Config {
   static constexpr int kKVBytes = kBlockN * D * 2;
   static constexpr int kColBlockQ = kBlockM * 128;  // bytes of one 64-column block
   static constexpr int kColBlockKV = kBlockN * 128;
+  // Registers per thread after setmaxnreg. The CTA starts with 168 each (64 K / 384, in steps
+  // of 8) and the consumers' increase waits until the producer has given back as many, so
+  // 128 x producer + 256 x consumer must stay within 384 x 168. The producer's tile scheduler
+  // runs without spills at 40; D = 256's O needs consumers at 240 (its producer then spills a
+  // few bytes outside the loads).
+  static constexpr int kProducerRegisters = D <= 128 ? 40 : 24;
+  static constexpr int kConsumerRegisters = D <= 128 ? 232 : 240;
+  static_assert(128 * kProducerRegisters + 256 * kConsumerRegisters <= 384 * 168, "setmaxnreg would deadlock");
   static constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVBytes + 1024 /* barriers */ + 1024 /* alignment */;
 };
 
 struct SharedBarriers {
+  // The producer picks each CTA's next work tile and hands its index to the consumers through
+  // a two-slot ring.
+  uint64_t tile_full[2], tile_empty[2];
+  int tile_index[2];
   uint64_t q_full, q_empty;
   uint64_t k_full[kStages], k_empty[kStages];
   uint64_t v_full[kStages], v_empty[kStages];
@@ -246,6 +256,10 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
   const bool varlen = p.cu_seqlens_q != nullptr;
 
   if (threadIdx.x == 0) {
+    for (int s = 0; s < 2; ++s) {
+      mbarrier_init(&bars.tile_full[s], 1);
+      mbarrier_init(&bars.tile_empty[s], 8);  // every consumer warp arrives
+    }
     mbarrier_init(&bars.q_full, 1);
     mbarrier_init(&bars.q_empty, 8);  // every consumer warp arrives
     for (int s = 0; s < kStages; ++s) {
@@ -261,7 +275,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
     // -- Producer ----------------------------------------------------------------------------
-    registers_shrink<kProducerRegisters>();
+    registers_shrink<C::kProducerRegisters>();
     if (threadIdx.x != 0) return;
     tma_prefetch_descriptor(&params.q_map);
     tma_prefetch_descriptor(&params.k_map);
@@ -279,8 +293,17 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
         tma_load_4d(map, &full[stage], dst + stage * C::kKVBytes + b * C::kColBlockKV, 64 * b, row, kv_head,
                     map_batch, kEvictLast);
     };
-    for (int t = blockIdx.x; t < num_work; t += gridDim.x) {
+    for (int t = blockIdx.x, n = 0;; ++n) {
+      const int slot = n % 2;
+      mbarrier_wait(&bars.tile_empty[slot], ((n / 2) & 1) ^ 1);
+      bars.tile_index[slot] = t;
+      mbarrier_arrive(&bars.tile_full[slot]);
+      if (t >= num_work) break;
+      // With a counter, the next tile goes to whichever CTA asks first (the producer asks once
+      // this tile's loads are issued, a little before its consumers finish it).
+      const int next = p.tile_counter != nullptr ? gridDim.x + atomicAdd(p.tile_counter, 1) : t + gridDim.x;
       const WorkTile w = make_work_tile<BN>(p, t, num_m_blocks_max, longest_first, params.section_pairs);
+      t = next;
       if (w.num_tiles == 0) continue;
       const int kv_head = w.head / group, map_batch = varlen ? 0 : w.batch;  // varlen maps are one batch
       const int row0 = w.k_start + w.n_first;
@@ -303,7 +326,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
   }
 
   // -- Consumers -------------------------------------------------------------------------------
-  registers_grow<kConsumerRegisters>();
+  registers_grow<C::kConsumerRegisters>();
   const int consumer = warpgroup - 1;
   const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, q2 = 2 * (lane % 4);
@@ -321,7 +344,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
   const uint32_t q_addr = smem_addr(sQ) + wg_row0 * 128;
   const uint32_t k_addr = smem_addr(sK), v_addr = smem_addr(sV);
 
-  float o[kColBlocks][32];
+  float o[D / 2];  // the m64nD accumulator of O (column block b holds o[32 b .. 32 b + 31])
   float s[BN / 2];
   uint32_t pa[BN / 16][4];  // P(j - 1) as the A operand of O += P V
 
@@ -334,15 +357,16 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
       Wgmma<T>::ss(s, smem_descriptor(q_addr + offset_q, 0), smem_descriptor(k_addr + offset_k, 0), kk > 0);
     }
   };
-  // O += P V(stage): per 16 keys (2 KiB of 128-byte rows) one product per 64-column block of O.
+  // O += P V(stage): per 16 keys (2 KiB of 128-byte rows) one m64nDk16 product; its B operand
+  // steps from one 64-column block of V to the next by the descriptor's leading byte offset.
+  // (One product per k-step rather than one per column block: P, the register operand, is
+  // read once.)
   auto issue_pv = [&](int stage) {
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk)
-#pragma unroll
-      for (int b = 0; b < kColBlocks; ++b) {
-        const uint32_t offset_v = stage * C::kKVBytes + b * C::kColBlockKV + kk * 16 * 128;
-        Wgmma<T>::rs(o[b], pa[kk], smem_descriptor(v_addr + offset_v, C::kColBlockKV), 1);
-      }
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const uint32_t offset_v = stage * C::kKVBytes + kk * 16 * 128;
+      Wgmma<T>::rs(o, pa[kk], smem_descriptor(v_addr + offset_v, C::kColBlockKV), 1);
+    }
   };
   auto pack_p = [&] {
 #pragma unroll
@@ -355,13 +379,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
   };
   auto rescale_o = [&](const float (&alpha)[2]) {
 #pragma unroll
-    for (int b = 0; b < kColBlocks; ++b)
-#pragma unroll
-      for (int i = 0; i < 32; ++i) o[b][i] *= alpha[(i >> 1) & 1];
-  };
-  auto fence_o = [&] {
-#pragma unroll
-    for (int b = 0; b < kColBlocks; ++b) fence_registers(o[b]);
+    for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
   };
   auto release = [&](uint64_t* bar) {
     if (lane == 0) mbarrier_arrive(bar);
@@ -372,7 +390,13 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
   if (consumer == 1) pass_turn();  // consumer 0 goes first
 
   int ring = 0, q_loads = 0;  // as the producer counts them
-  for (int t = blockIdx.x; t < num_work; t += gridDim.x) {
+  for (int n = 0;; ++n) {
+    const int slot = n % 2;
+    mbarrier_wait(&bars.tile_full[slot], (n / 2) & 1);
+    const int t = *reinterpret_cast<volatile int*>(&bars.tile_index[slot]);
+    __syncwarp();
+    release(&bars.tile_empty[slot]);
+    if (t >= num_work) break;
     const WorkTile w = make_work_tile<BN>(p, t, num_m_blocks_max, longest_first, params.section_pairs);
     if (!w.valid) continue;
 
@@ -396,9 +420,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
     };
 
 #pragma unroll
-    for (int b = 0; b < kColBlocks; ++b)
-#pragma unroll
-      for (int i = 0; i < 32; ++i) o[b][i] = 0.f;
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
     Softmax<BN> softmax;
 
     if (w.num_tiles > 0) {
@@ -439,9 +461,11 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
         float alpha[2];
         softmax.step(s, exp_scale, alpha);
         wgmma_wait<0>();
-        fence_o();
+        fence_registers(o);
         release(&bars.v_empty[prev_stage]);
-        rescale_o(alpha);
+        // Once the row maxima settle (most tiles of long rows) alpha is exactly 1 and the
+        // rescale is skipped; the vote keeps the branch warp-uniform.
+        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) rescale_o(alpha);
         pack_p();
       }
       release(&bars.q_empty);  // every S of this work tile is done: the producer may load the next Q
@@ -455,7 +479,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
         wgmma_commit();
         pass_turn();
         wgmma_wait<0>();
-        fence_o();
+        fence_registers(o);
         release(&bars.v_empty[stage]);
       }
       ring += w.num_tiles;
@@ -484,11 +508,8 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
               static_cast<int64_t>(w.q_start + r) * p.lse_stride_s] = lse[h];
       T* out_row = out + static_cast<int64_t>(r) * p.o_stride_s + q2;
 #pragma unroll
-      for (int b = 0; b < kColBlocks; ++b)
-#pragma unroll
-        for (int c = 0; c < 8; ++c)
-          *reinterpret_cast<uint32_t*>(out_row + 64 * b + 8 * c) =
-              pack2<T>(o[b][4 * c + 2 * h] * inv[h], o[b][4 * c + 2 * h + 1] * inv[h]);
+      for (int c = 0; c < D / 8; ++c)
+        *reinterpret_cast<uint32_t*>(out_row + 8 * c) = pack2<T>(o[4 * c + 2 * h] * inv[h], o[4 * c + 2 * h + 1] * inv[h]);
     }
   }
   if (consumer == 0) wait_turn();  // takes consumer 1's last hand-over: no barrier left half-arrived
@@ -516,10 +537,11 @@ Status launch_flash_fwd_sm90(const Sm90Params& params, cudaStream_t stream) {
     LEPTON_RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     if (device < 64) sm_count[device] = sms;
   }
-  // Persistent (one CTA per SM) when work tiles are alike; with causal or window masks their
-  // lengths differ, and one CTA per work tile lets the hardware hand the next tile to whichever
-  // SM frees first, which balanced better than a static round robin.
-  const bool uneven = p.window_left >= 0 || p.window_right >= 0;
+  // Persistent (one CTA per SM). With causal or window masks work tiles differ in length and a
+  // static round robin balances badly: there the CTAs take tiles from a counter when the caller
+  // provides one, else there is one CTA per work tile and the hardware hands the next one to
+  // whichever SM frees first.
+  const bool uneven = (p.window_left >= 0 || p.window_right >= 0) && p.tile_counter == nullptr;
   const int grid = static_cast<int>(uneven || num_work < sms ? num_work : sms);
   kernel<<<grid, kThreads, C::kSmemBytes, stream>>>(params);
   LEPTON_RETURN_IF_CUDA_ERROR(cudaGetLastError());

@@ -1,6 +1,7 @@
 """Launch the compiled attention forward (``csrc/attention``) on the current stream."""
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -27,6 +28,15 @@ def sm90_unsupported(head_dim: int, dtype: torch.dtype, device: torch.device) ->
 def has_kernel() -> bool:
     """Whether the compiled extension was built with this kernel (older builds lack it)."""
     return _C is not None and hasattr(_C, "flash_fwd")
+
+
+@functools.lru_cache(maxsize=None)
+def _device_capability(index: int) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _compute_capability(device: torch.device) -> Tuple[int, int]:
+    return _device_capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _tile_ready(x: torch.Tensor) -> torch.Tensor:
@@ -81,6 +91,12 @@ def flash_attention(
     if window_right >= max_seqlen_q:
         window_right = -1
 
+    # Causal and windowed calls on the sm_90a kernel count work tiles in a zeroed int32 (its
+    # CTAs take the next tile when they free up); other calls need none.
+    tile_counter = None
+    if (window_left >= 0 or window_right >= 0) and kernel != "mma_sync" and _compute_capability(q.device) == (9, 0):
+        tile_counter = torch.zeros(1, dtype=torch.int32, device=q.device)
+
     q, k, v = _tile_ready(q), _tile_ready(k), _tile_ready(v)
     if varlen:
         strides = [[0, *x.stride()[:2]] for x in (q, k, v, out)]
@@ -92,6 +108,7 @@ def flash_attention(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
         cu_seqlens_q.data_ptr() if varlen else 0, cu_seqlens_k.data_ptr() if varlen else 0,
         kv_lens.data_ptr() if kv_lens is not None else 0,
+        tile_counter.data_ptr() if tile_counter is not None else 0,
         *strides, lse_strides,
         batch, num_heads_q, num_heads_k, head_dim, max_seqlen_q, max_seqlen_k,
         q.shape[0] if varlen else 0, k.shape[0] if varlen else 0,  # rows of the packed tensors

@@ -98,18 +98,32 @@ def _hopper_or_newer(device: torch.device) -> bool:
 
 # Decode-shaped calls (this many queries per sequence or fewer) go to Triton's split-KV path.
 CUDA_MIN_AUTO_QUERIES = 17
+# Head dims where the sm_90a kernel measured faster than Triton on an H100 (at D = 64 they are
+# about even, and Triton keeps it).
+SM90_AUTO_HEAD_DIMS = (128, 256)
+
+
+@_backends.trace_as_constant
+def _sm90_kernel_runs(device: torch.device, head_dim: int, dtype: torch.dtype) -> bool:
+    from ..cuda import flash_attention as kernel
+
+    return kernel.has_kernel() and kernel.sm90_unsupported(head_dim, dtype, device) is None
 
 
 def _cuda_auto_supports(q, *args) -> Optional[str]:
     """Calls the CUDA kernel serves but "auto" leaves to Triton, where Triton measured faster."""
     if _triton_supports(q, *args) is not None:
         return None  # nothing better to go to
-    if _hopper_or_newer(q.device):
-        return ("on Hopper the Triton kernel (wgmma) is faster than this Ampere-style mma.sync kernel "
-                "(pass backend='cuda' to run it anyway)")
     max_seqlen_q = args[9]
     if max_seqlen_q < CUDA_MIN_AUTO_QUERIES:
         return "decode-shaped calls go to the Triton kernel's split-KV path"
+    if _hopper_or_newer(q.device):
+        head_dim = q.shape[-1]
+        if head_dim in SM90_AUTO_HEAD_DIMS and _sm90_kernel_runs(q.device, head_dim, q.dtype):
+            return None
+        return ("on Hopper the Triton kernel is faster than the CUDA mma.sync kernel; the sm_90a one "
+                f"serves head dims {', '.join(map(str, SM90_AUTO_HEAD_DIMS))} on compute capability 9.0 "
+                "(pass backend='cuda' to run it anyway)")
     return None
 
 
