@@ -40,6 +40,15 @@ Status check(const QuantGemvParams& p, const QuantGemvPlan& plan) {
   // The kernel addresses weight rows in 32-bit units of 16 bytes and counts channels in 32 bits.
   if (p.n * (p.w_stride / (p.int4 ? 4 : 16)) >= (int64_t{1} << 32) || p.k >= (int64_t{1} << 31))
     return Status::Error(who + "the weight is too large (64 GiB of rows, 2^31 input channels at most)");
+  if (p.int4) {
+    // The kernel addresses scales and zero points by 32-bit element offsets from the row.
+    const int64_t last_group = p.group_size > 0 ? p.k / p.group_size - 1 : 0;
+    const auto fits = [&](int64_t stride_n, int64_t stride_g) {
+      return stride_n >= 0 && stride_g >= 0 && (p.n - 1) * stride_n + last_group * stride_g < (int64_t{1} << 31);
+    };
+    if (!fits(p.scale_stride_n, p.scale_stride_g) || (p.zeros != nullptr && !fits(p.zero_stride_n, p.zero_stride_g)))
+      return Status::Error(who + "scales and zero points must span fewer than 2^31 elements, with non-negative strides");
+  }
   if (!aligned16(p.w) || !aligned16(p.x) || (p.m > 1 && p.x_stride % 8 != 0))
     return Status::Error(who + "x rows and weights must be 16-byte aligned");
   if (plan.warps_n != 1 && plan.warps_n != 2 && plan.warps_n != 4 && plan.warps_n != 8)

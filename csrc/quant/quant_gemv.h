@@ -8,7 +8,7 @@
 //   zeros:  uint8 [N, G] zero points in [0, 16], or null (w4a16 symmetric: zero point 8)
 //   bias:   [N] in x's dtype, or null
 //   out:    [M, N] in x's dtype, rows out_stride elements apart
-//   Limits: N * row bytes < 64 GiB, K < 2^31.
+//   Limits: N * row bytes < 64 GiB, K < 2^31; w4a16 scales and zero points span < 2^31 elements.
 //
 // Memory-bound: every weight byte is read once. The product runs on the tensor cores transposed
 // (weights are mma's 16-row operand, tokens its 8-wide one), with K split across the warps of a

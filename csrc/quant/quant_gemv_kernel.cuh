@@ -16,13 +16,26 @@
 //
 // Dequantization without int->float conversions (FasterTransformer's trick): (w >> 4i) &
 // 0x000F000F | magic gives two 16-bit floats magic + u exactly (fp16 1024, bf16 128: their
-// ulp is 1 there), and one fma with -(magic + zero) leaves u - zero, a small exact integer.
+// ulp is 1 there; fp16 also takes a high nibble in place as 64 + u, its ulp 1/16 there).
+// Folded zero points (scales per channel or per 128-group): magic + u goes into the mma as it
+// is, and the step's -(magic + zero) * sum(x) is added to the fp32 sum instead (8 extra mma a
+// step, against constant rows, shared by the warp's tiles): one lop3 per weight pair is all
+// the dequantization left. The cost is cancellation: the fp32 sums carry ~1032 x (fp16) or
+// ~136 x (bf16) where u - zero carries ~8 x, so their rounding error grows by 2^7 (2^4); with
+// the tensor cores' truncating fp32 sums that is ~5e-5 relative at most (fp16, emulated), far
+// below the output's own rounding (~2e-4). Groups of 32 or 64 scale the weights before the
+// mma, so there one fma with -(magic + zero) leaves u - zero, a small exact integer, first.
 // int8: each byte + 128 under fp16's 1024 (exact), or under fp32's 2^23 then packed to bf16.
 //
 // Scales. Per output channel (and w8a16): in the fp32 epilogue. Groups of 128: a step is one
-// group for every lane, so each tile's step is summed exactly in fp32 by the tensor cores and
-// then scaled in fp32. Groups of 32 or 64: lanes of one mma hold different groups, so the
-// weight u - zero is scaled in x's dtype before the mma (one rounding per weight, as Marlin).
+// group for every lane, so each tile's step is summed in fp32 by the tensor cores (its
+// correction included) and then scaled in fp32. Groups of 32 or 64: lanes of one mma hold
+// different groups, so the weight u - zero is scaled in x's dtype before the mma (one rounding
+// per weight, as Marlin).
+//
+// Cost. Near HBM speed an H200 SM must take in ~14 weight bytes per clock, while a warp step
+// spends ~1 instruction per 8 int4 weight bytes on dequantizing and the mma alone: the loop is
+// issue-bound before it is memory-bound, so all else is kept out of it (see the kernel).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -56,6 +69,15 @@ struct Traits<__half> {
   static constexpr bool kHighNibbleInPlace = true;
   static constexpr u32 kSixteenth = 0x2C002C00u;
   static constexpr u32 kMagicMinus64 = 0x63806380u;  // 960
+  // Folded (see the top): (w & 0x00F000F0) | 64.0 is 64 + u exactly (ulp 1/16 there), the
+  // high nibble with no shift and no fma.
+  static constexpr u32 kMagicHi = 0x54005400u;
+  static constexpr u32 kNegMagicHiBits = 0xD400u, kHiZeroStep = 16;  // -(64 + z): 0xD400 + 16 z
+  static constexpr u32 kNegOne = 0xBC00u;
+  // -(1024 + z) and -(64 + z) for a zero point z in [0, 16] are the bit patterns below plus z
+  // (plus 16 z): 1024..2047 step by 1 in fp16, 64..127 by 1/16. No conversion per group.
+  static constexpr u32 kNegMagicBits = 0xE400u;
+  static constexpr u32 kNegMagic64Bits = 0xD400u;
   __device__ __forceinline__ static u32 fma2(u32 a, u32 b, u32 c) {
     u32 d;
     asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -89,6 +111,11 @@ struct Traits<__nv_bfloat16> {
   static constexpr bool kHighNibbleInPlace = false;  // 128 + 16 u needs 8 mantissa bits
   static constexpr u32 kSixteenth = 0;
   static constexpr u32 kMagicMinus64 = 0;
+  static constexpr u32 kMagicHi = kMagic;  // the high nibble shifted down first
+  static constexpr u32 kNegMagicHiBits = 0xC300u, kHiZeroStep = 1;
+  static constexpr u32 kNegOne = 0xBF80u;
+  static constexpr u32 kNegMagicBits = 0xC300u;  // -(128 + z): 128..255 step by 1 in bf16
+  static constexpr u32 kNegMagic64Bits = 0;
   __device__ __forceinline__ static u32 fma2(u32 a, u32 b, u32 c) {
     u32 d;
     asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -137,8 +164,9 @@ __device__ __forceinline__ u32 nibbles_under(u32 w, u32 magic) {
   return d;
 }
 
-// A hint with no destination register: brings a line to L1 ahead of its loads.
-__device__ __forceinline__ void prefetch_l1(const void* ptr) { asm volatile("prefetch.global.L1 [%0];" ::"l"(ptr)); }
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 __device__ __forceinline__ float load_scale(const QuantGemvParams& p, int64_t row, int64_t group) {
   const int64_t off = row * p.scale_stride_n + group * p.scale_stride_g;
@@ -157,8 +185,16 @@ __device__ __forceinline__ void store_out(const QuantGemvParams& p, int64_t tok,
   static_cast<T*>(p.out)[tok * p.out_stride + row] = Traits<T>::from_float(v);
 }
 
-// R: 16-row tiles per warp; NT: 8-token tiles (M <= 8 * NT).
-template <typename T, bool kInt4, int R, int NT, ScaleMode kMode>
+// R: 16-row tiles per warp; NT: 8-token tiles (M <= 8 * NT); S: the scales' dtype (read in the
+// loop by the group modes only); kZeros: int4 with zero points. Templates, so that the loop has
+// no branch on them and a symmetric weight spends no registers on zero points.
+//
+// The loop is issue-bound before it is memory-bound (a warp step is ~8 instructions per 16
+// weight bytes), so the per-step work outside the dequantizer is kept small: weight rows are
+// 32-bit offsets computed once, a K tail is a predicate per step (not per load), and a tile's
+// scales and zero points travel with its weights (issued a step ahead, not fetched one
+// dependent load at a time just before the math).
+template <typename T, bool kInt4, int R, int NT, ScaleMode kMode, typename S, bool kZeros>
 __global__ void __launch_bounds__(kThreads, 2)
 quant_gemv_kernel(const QuantGemvParams p, const int warps_n, const int64_t row_tiles,
                   const int64_t steps_per_split, const int group_shift, const bool prefetch) {
@@ -167,6 +203,10 @@ quant_gemv_kernel(const QuantGemvParams p, const int warps_n, const int64_t row_
   constexpr int kTokens = 8 * NT;
   constexpr int kRedStride = kRowsPerWarp + 4;  // padding: the fragment stores hit 32 banks
   constexpr int kPieces = kInt4 ? 1 : 2;        // 16-byte loads per row and step
+  constexpr int kPieceK = kInt4 ? 32 : 16;      // input channels per 16-byte load
+  constexpr bool kGroups = kInt4 && kMode != ScaleMode::kPerChannel;
+  // Zero points folded out of the weights (see the top): not where scales multiply the weights.
+  constexpr bool kFold = kInt4 && kMode != ScaleMode::kGroupInWeight;
   __shared__ float red[kWarps * kTokens * kRedStride];
   __shared__ int is_last;
 
@@ -181,21 +221,46 @@ quant_gemv_kernel(const QuantGemvParams p, const int warps_n, const int64_t row_
 
   // This warp's contiguous range of steps.
   // (32-bit: K < 2^31.)
-  const int steps = static_cast<int>((p.k + kStepK - 1) / kStepK);
+  const int k = static_cast<int>(p.k);
+  const int steps = (k + kStepK - 1) / kStepK;
   const int split_begin = static_cast<int>(split * steps_per_split);
   const int split_end = min(split_begin + static_cast<int>(steps_per_split), steps);
   const int per_warp = (split_end - split_begin + warps_k - 1) / warps_k;
   const int begin = split_begin + wk * per_warp;
   const int end = min(begin + per_warp, split_end);
 
+  // A lane's piece c covers channels [step * 128 + 32 t + kPieceK c, + kPieceK): it exists for
+  // step < piece_steps[c]. Only a K that is not a multiple of 128 leaves a lane pieces short in
+  // the last step; such a piece is not loaded (its registers keep earlier, finite weights, which
+  // multiply x's zeros there).
+  int piece_steps[kPieces];
+#pragma unroll
+  for (int c = 0; c < kPieces; ++c) {
+    const int first = 32 * t + kPieceK * c;  // channel of the piece in step 0
+    piece_steps[c] = first + kPieceK <= k ? (k - first - kPieceK) / kStepK + 1 : 0;
+  }
+
   // Rows g and g + 8 of each tile; rows past N re-read the last row (results dropped).
   const int64_t warp_row0 = tile * rows_per_block + wn * kRowsPerWarp;
-  // Registers are the limit here: rows are recomputed where needed (an add and a min), and
-  // weight rows are addressed by 32-bit offsets in 16-byte units (weights < 64 GiB).
+  // Each row's offsets are computed once: weights in 16-byte units (weights < 64 GiB), scales
+  // and zero points in elements, all 32-bit (the host checks the spans).
   const int lane_row0 = static_cast<int>(warp_row0) + g, last_row = static_cast<int>(p.n - 1);
   auto row_of = [&](int r, int h) { return min(lane_row0 + r * 16 + 8 * h, last_row); };
   const uint4* w16 = static_cast<const uint4*>(p.w);
   const uint32_t row_units = static_cast<uint32_t>(p.w_stride / (kInt4 ? 4 : 16));
+  const S* scales = static_cast<const S*>(p.scales);
+  const int s_stride_g = static_cast<int>(p.scale_stride_g), z_stride_g = static_cast<int>(p.zero_stride_g);
+  uint32_t wrow[R][2];  // this lane's first 16-byte unit of each of its rows
+  int srow[R][2];       // group modes: the row's first scale
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      wrow[r][h] = static_cast<uint32_t>(row_of(r, h)) * row_units + kPieces * t;
+      srow[r][h] = row_of(r, h) * static_cast<int>(p.scale_stride_n);
+    }
+  // Zero points are rarer (asymmetric weights): their rows are recomputed, to save registers.
+  auto zrow = [&](int r, int h) { return row_of(r, h) * static_cast<int>(p.zero_stride_n); };
 
   float acc[R][NT][4];
 #pragma unroll
@@ -205,55 +270,73 @@ quant_gemv_kernel(const QuantGemvParams p, const int warps_n, const int64_t row_
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[r][j][c] = 0.f;
 
-  // Tile r's weights of a step. A 16-byte piece past K (K is a multiple of 32 for int4, 16 for
-  // int8) re-reads the row's first piece; x is zero there.
+  // A tile's operands of one step: weights, and (group modes) each row's scale and zero point.
+  // Zeroed once so that a piece never loaded (a K tail) holds finite bits.
   uint4 wq[R][2][kPieces];
-  auto load_tile = [&](int r, int step) {
-    const uint32_t base = static_cast<uint32_t>(step) * kStepK + 32 * t;
+  S gscale[R][2];
+  u32 gzero[R][2];  // int4: the zero point, 0..16
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
+  for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int c = 0; c < kPieces; ++c) {
-        const uint32_t ch = base + 16 * c;  // int8 only: the second piece
-        const uint32_t off = ch + (kInt4 ? 32 : 16) <= p.k ? ch : 0;
-        wq[r][h][c] = load_weights(w16 + (static_cast<uint32_t>(row_of(r, h)) * row_units + off / (kInt4 ? 32 : 16)));
-      }
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int c = 0; c < kPieces; ++c) wq[r][h][c] = make_uint4(0, 0, 0, 0);
+      gscale[r][h] = S(0.f);
+      gzero[r][h] = 8;
+    }
+  // Where a step's operands are, for every tile (computed once per step, not per tile). The
+  // group is that of this lane's 32 channels (one group: see the top); a step past the lane's K
+  // reads group 0 (its weights multiply zeros).
+  struct At {
+    int step, group;
+    uint32_t unit;
   };
-  // The zero points and scales a tile needs are loaded just before its math, one tile after
-  // another. After the first step they hit L1 (a row's groups are contiguous), but the first
-  // step's all miss, one after another. Asked for here, before the first weights, their misses
-  // overlap (the lines of the warp's first group; most warps need no other).
-  if (kInt4 && begin < end) {
-    const int64_t base = static_cast<int64_t>(begin) * kStepK + 32 * t;  // in K, as in the loop
-    const int64_t first = (base + 32 <= p.k ? base : 0) >> group_shift;
-    const int scale_bytes = p.scale_dtype == DType::kFloat32 ? 4 : 2;
+  auto at = [&](int step) {
+    const int group = step < piece_steps[0] ? (step * kStepK + 32 * t) >> group_shift : 0;
+    return At{step, group, static_cast<uint32_t>(step) * (kStepK / kPieceK)};
+  };
+  auto load_tile = [&](int r, const At& a) {
+#pragma unroll
+    for (int c = 0; c < kPieces; ++c)
+      if (a.step < piece_steps[c]) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) wq[r][h][c] = load_weights(w16 + (wrow[r][h] + a.unit + c));
+      }
+    if (kGroups) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        gscale[r][h] = __ldg(scales + (srow[r][h] + a.group * s_stride_g));
+        if (kZeros) gzero[r][h] = __ldg(p.zeros + (zrow(r, h) + a.group * z_stride_g));
+      }
+    }
+  };
+  // Per channel: the zero points are the same at every step, read once.
+  if (kInt4 && !kGroups && kZeros) {
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t row = row_of(r, h);
-        prefetch_l1(static_cast<const char*>(p.scales) +
-                    (row * p.scale_stride_n + first * p.scale_stride_g) * scale_bytes);
-        if (p.zeros != nullptr) prefetch_l1(p.zeros + row * p.zero_stride_n + first * p.zero_stride_g);
-      }
+      for (int h = 0; h < 2; ++h) gzero[r][h] = __ldg(p.zeros + zrow(r, h));
   }
-  // prefetch: a software pipeline without extra registers: as soon as a tile's weights are
+  // prefetch: a software pipeline without extra registers: as soon as a tile's operands are
   // consumed, its registers receive the next step's, so a step starts with all its loads long
   // in flight. Otherwise each step issues its loads and waits (a runtime switch, for tuning).
   if (prefetch && begin < end) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) load_tile(r, begin);
+    for (int r = 0; r < R; ++r) load_tile(r, at(begin));
   }
 
   const T* x = static_cast<const T*>(p.x);
   for (int step = begin; step < end; ++step) {
-    const int64_t base = static_cast<int64_t>(step) * kStepK + 32 * t;  // this lane's first channel
+    const int base = step * kStepK + 32 * t;  // this lane's first channel
     if (!prefetch) {
+      const At now = at(step);
 #pragma unroll
-      for (int r = 0; r < R; ++r) load_tile(r, step);
+      for (int r = 0; r < R; ++r) load_tile(r, now);
     }
+    const At next = at(step + 1);
 
-    // x[token][base .. base + 32) for tokens g and g + 8 (L1-cached: other warps read it too).
+    // x[token][base .. base + 32) for tokens g and g + 8 (L1-cached: other warps read it too);
+    // zeros past K.
     u32 xw[NT][16];
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
@@ -261,17 +344,11 @@ quant_gemv_kernel(const QuantGemvParams p, const int warps_n, const int64_t row_
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         uint4 v = make_uint4(0, 0, 0, 0);
-        if (tok < p.m && base + 8 * q + 8 <= p.k)
+        if (tok < p.m && step < piece_steps[(8 * q) / kPieceK])
           v = __ldg(reinterpret_cast<const uint4*>(x + tok * p.x_stride + base + 8 * q));
         xw[j][4 * q] = v.x, xw[j][4 * q + 1] = v.y, xw[j][4 * q + 2] = v.z, xw[j][4 * q + 3] = v.w;
       }
     }
-
-    // Zero points and group scales of this lane's 32 channels (one group: see the top), loaded
-    // per tile below: holding all tiles' at once would spill.
-    // Per channel, group_shift = 31 makes it 0 at run time: a compile-time 0 would let the
-    // compiler hoist every tile's zero points out of the loop, into registers it lacks.
-    const int64_t group = (base + 32 <= p.k ? base : 0) >> group_shift;
 
     // B fragments: token operand of step s in mma order (see the top).
     u32 bf[NT][8][2];
@@ -292,19 +369,47 @@ quant_gemv_kernel(const QuantGemvParams p, const int warps_n, const int64_t row_
         }
       }
 
+    // Folded zero points: this step's -(magic + zero) * sum(x), per token, from the tensor cores
+    // (the same B fragments against constant A rows). Rows g hold the lo/hi magics (symmetric:
+    // plus the implicit zero 8, rows g + 8 alike); with zero points rows g + 8 hold -1 for
+    // -sum(x), which each tile scales by its own zero point.
+    float corr[NT][4];
+    if (kFold) {
+      constexpr u32 lo_g = (Tr::kNegMagicBits + (kZeros ? 0 : 8)) * 0x00010001u;
+      constexpr u32 hi_g = (Tr::kNegMagicHiBits + (kZeros ? 0 : 8 * Tr::kHiZeroStep)) * 0x00010001u;
+      constexpr u32 lo_g8 = kZeros ? Tr::kNegOne * 0x00010001u : lo_g, hi_g8 = kZeros ? lo_g8 : hi_g;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) corr[j][c] = 0.f;
+#pragma unroll
+        for (int s = 0; s < 8; ++s) Tr::mma(corr[j], lo_g, lo_g8, hi_g, hi_g8, bf[j][s][0], bf[j][s][1]);
+      }
+    }
+
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      u32 negz[2], scale2[2];
-      float scale[2];
+      // The tile's group operands, taken out of the prefetch registers before they are refilled.
+      u32 negz[2], negz64[2], scale2[2];
+      float scale[2], fix[NT][4];
+      if (kFold) {
+        // The tile's correction: rows g, g + 8 x tokens 2t, 2t + 1 of each token tile.
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            fix[j][c] = corr[j][c & 1];
+            if (kZeros) fix[j][c] = fmaf(static_cast<float>(gzero[r][c >> 1]), corr[j][2 + (c & 1)], fix[j][c]);
+          }
+      }
       if (kInt4) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int64_t zero_at = static_cast<int64_t>(row_of(r, h)) * p.zero_stride_n + group * p.zero_stride_g;
-          const float zero = p.zeros != nullptr ? static_cast<float>(__ldg(p.zeros + zero_at)) : 8.f;
-          negz[h] = Tr::splat(-(Tr::kMagicValue + zero));  // exact: an integer <= 1040
-          if (kMode != ScaleMode::kPerChannel) {
-            scale[h] = load_scale(p, row_of(r, h), group);
-            scale2[h] = Tr::splat(scale[h]);
+          negz[h] = (Tr::kNegMagicBits + gzero[r][h]) * 0x00010001u;  // -(magic + zero), exact
+          negz64[h] = (Tr::kNegMagic64Bits + 16 * gzero[r][h]) * 0x00010001u;  // fp16: -(64 + zero)
+          if (kGroups) {
+            scale[h] = to_float(gscale[r][h]);
+            if (kMode == ScaleMode::kGroupInWeight) scale2[h] = Tr::splat(scale[h]);
           }
         }
       }
@@ -313,24 +418,40 @@ quant_gemv_kernel(const QuantGemvParams p, const int warps_n, const int64_t row_
 #pragma unroll
       for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) part[j][c] = 0.f;
+        for (int c = 0; c < 4; ++c) {
+          if (kMode == ScaleMode::kGroupOfStep)
+            part[j][c] = kFold ? fix[j][c] : 0.f;
+          else if (kFold)
+            acc[r][j][c] += fix[j][c];
+        }
       float(&sum)[NT][4] = kMode == ScaleMode::kGroupOfStep ? part : acc[r];
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
         u32 a[4];  // rows g, g + 8 at k (2t, 2t+1); rows g, g + 8 at k (2t+8, 2t+9)
-        if (kInt4) {
+        if (kFold) {
+          // magic + u and magic_hi + u, as they are: the correction above removes the offsets.
+          const int w = s / 2, sh = 8 * (s % 2);
+          const u32 s0 = word(wq[r][0][0], w) >> sh, s1 = word(wq[r][1][0], w) >> sh;
+          a[0] = nibbles_under<0x000F000Fu>(s0, Tr::kMagic);
+          a[1] = nibbles_under<0x000F000Fu>(s1, Tr::kMagic);
+          if (Tr::kHighNibbleInPlace) {
+            a[2] = nibbles_under<0x00F000F0u>(s0, Tr::kMagicHi);
+            a[3] = nibbles_under<0x00F000F0u>(s1, Tr::kMagicHi);
+          } else {
+            a[2] = nibbles_under<0x000F000Fu>(s0 >> 4, Tr::kMagicHi);
+            a[3] = nibbles_under<0x000F000Fu>(s1 >> 4, Tr::kMagicHi);
+          }
+        } else if (kInt4) {
           const int w = s / 2, sh = 8 * (s % 2);
           const u32 q0 = word(wq[r][0][0], w), q1 = word(wq[r][1][0], w);
           const u32 s0 = q0 >> sh, s1 = q1 >> sh;
           a[0] = Tr::fma2(nibbles_under<0x000F000Fu>(s0, Tr::kMagic), Tr::kOne, negz[0]);
           a[1] = Tr::fma2(nibbles_under<0x000F000Fu>(s1, Tr::kMagic), Tr::kOne, negz[1]);
-          // (1024 + 16 u) / 16 - (64 + zero), with -(64 + zero) = negz + 960. (Not with 16 tokens:
-          // there the B fragments leave no register for it.)
+          // (1024 + 16 u) / 16 - (64 + zero). (Not with 16 tokens: there the B fragments leave
+          // no register for it.)
           if (Tr::kHighNibbleInPlace && NT == 1) {
-            a[2] = Tr::fma2(nibbles_under<0x00F000F0u>(s0, Tr::kMagic), Tr::kSixteenth,
-                            Tr::fma2(negz[0], Tr::kOne, Tr::kMagicMinus64));
-            a[3] = Tr::fma2(nibbles_under<0x00F000F0u>(s1, Tr::kMagic), Tr::kSixteenth,
-                            Tr::fma2(negz[1], Tr::kOne, Tr::kMagicMinus64));
+            a[2] = Tr::fma2(nibbles_under<0x00F000F0u>(s0, Tr::kMagic), Tr::kSixteenth, negz64[0]);
+            a[3] = Tr::fma2(nibbles_under<0x00F000F0u>(s1, Tr::kMagic), Tr::kSixteenth, negz64[1]);
           } else {
             a[2] = Tr::fma2(nibbles_under<0x000F000Fu>(s0 >> 4, Tr::kMagic), Tr::kOne, negz[0]);
             a[3] = Tr::fma2(nibbles_under<0x000F000Fu>(s1 >> 4, Tr::kMagic), Tr::kOne, negz[1]);
@@ -352,7 +473,7 @@ quant_gemv_kernel(const QuantGemvParams p, const int warps_n, const int64_t row_
 #pragma unroll
         for (int j = 0; j < NT; ++j) Tr::mma(sum[j], a[0], a[1], a[2], a[3], bf[j][s][0], bf[j][s][1]);
       }
-      if (prefetch && step + 1 < end) load_tile(r, step + 1);
+      if (prefetch && step + 1 < end) load_tile(r, next);
       // part[j]: (row g, tokens 2t, 2t+1), (row g + 8, tokens 2t, 2t+1) of token tile j.
       if (kMode == ScaleMode::kGroupOfStep) {
 #pragma unroll
@@ -414,33 +535,50 @@ quant_gemv_kernel(const QuantGemvParams p, const int warps_n, const int64_t row_
   if (threadIdx.x == 0) p.counters[tile] = 0;  // every block of the tile has arrived: reusable
 }
 
-template <typename T, bool kInt4, int R, int NT, ScaleMode kMode>
+template <typename T, bool kInt4, int R, int NT, ScaleMode kMode, typename S, bool kZeros>
 Status launch(const QuantGemvParams& p, const QuantGemvPlan& plan, int group_shift, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(plan.row_tiles * plan.splits));
-  quant_gemv_kernel<T, kInt4, R, NT, kMode><<<grid, kThreads, 0, stream>>>(
+  quant_gemv_kernel<T, kInt4, R, NT, kMode, S, kZeros><<<grid, kThreads, 0, stream>>>(
       p, plan.warps_n, plan.row_tiles, plan.steps_per_split, group_shift, plan.prefetch);
   LEPTON_RETURN_IF_CUDA_ERROR(cudaGetLastError());
   return Status::Ok();
 }
 
-template <typename T, bool kInt4, ScaleMode kMode>
+template <typename T, bool kInt4, ScaleMode kMode, typename S, bool kZeros>
 Status dispatch_tokens(const QuantGemvParams& p, const QuantGemvPlan& plan, int group_shift, cudaStream_t stream) {
   // Rows x tokens per warp: int4 64 x 8 or 32 x 16, int8 (twice the bytes per row) 32 x 8 or
   // 16 x 16; about the same registers each (see quant_gemv_rows_per_warp).
   constexpr int kTiles = kInt4 ? 4 : 2;
-  if (p.m <= 8) return launch<T, kInt4, kTiles, 1, kMode>(p, plan, group_shift, stream);
-  return launch<T, kInt4, kTiles / 2, 2, kMode>(p, plan, group_shift, stream);
+  if (p.m <= 8) return launch<T, kInt4, kTiles, 1, kMode, S, kZeros>(p, plan, group_shift, stream);
+  return launch<T, kInt4, kTiles / 2, 2, kMode, S, kZeros>(p, plan, group_shift, stream);
+}
+
+template <typename T, ScaleMode kMode, typename S>
+Status dispatch_zeros(const QuantGemvParams& p, const QuantGemvPlan& plan, int group_shift, cudaStream_t stream) {
+  if (p.zeros != nullptr) return dispatch_tokens<T, true, kMode, S, true>(p, plan, group_shift, stream);
+  return dispatch_tokens<T, true, kMode, S, false>(p, plan, group_shift, stream);
+}
+
+// The group modes read scales in the loop: one kernel per scale dtype.
+template <typename T, ScaleMode kMode>
+Status dispatch_scales(const QuantGemvParams& p, const QuantGemvPlan& plan, int group_shift, cudaStream_t stream) {
+  switch (p.scale_dtype) {
+    case DType::kFloat16: return dispatch_zeros<T, kMode, __half>(p, plan, group_shift, stream);
+    case DType::kBFloat16: return dispatch_zeros<T, kMode, __nv_bfloat16>(p, plan, group_shift, stream);
+    default: return dispatch_zeros<T, kMode, float>(p, plan, group_shift, stream);
+  }
 }
 
 // Instantiated in quant_gemv_f16.cu and quant_gemv_bf16.cu.
 template <typename T>
 Status launch_typed(const QuantGemvParams& p, const QuantGemvPlan& plan, cudaStream_t stream) {
-  if (!p.int4) return dispatch_tokens<T, false, ScaleMode::kPerChannel>(p, plan, 31, stream);
-  if (p.group_size == -1) return dispatch_tokens<T, true, ScaleMode::kPerChannel>(p, plan, 31, stream);
+  // Per channel, the scale is applied in the epilogue (any dtype); S is unused in the loop.
+  if (!p.int4) return dispatch_tokens<T, false, ScaleMode::kPerChannel, float, false>(p, plan, 0, stream);
+  if (p.group_size == -1) return dispatch_zeros<T, ScaleMode::kPerChannel, float>(p, plan, 0, stream);
   int shift = 0;
   while ((1 << shift) < p.group_size) ++shift;
-  if (p.group_size == kStepK) return dispatch_tokens<T, true, ScaleMode::kGroupOfStep>(p, plan, shift, stream);
-  return dispatch_tokens<T, true, ScaleMode::kGroupInWeight>(p, plan, shift, stream);
+  if (p.group_size == kStepK) return dispatch_scales<T, ScaleMode::kGroupOfStep>(p, plan, shift, stream);
+  return dispatch_scales<T, ScaleMode::kGroupInWeight>(p, plan, shift, stream);
 }
 
 }  // namespace qgemv
