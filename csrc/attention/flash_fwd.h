@@ -1,4 +1,6 @@
-// Attention forward (FlashAttention-2 style) for Ampere/Ada, also correct on Hopper.
+// Attention forward. flash_fwd() runs the Hopper kernel (flash_fwd_sm90.h: TMA + wgmma) on
+// compute capability 9.0 when the build has sm_90a code and the head dim is 64, 128 or 256, and
+// the FlashAttention-2 style mma.sync kernel (flash_fwd_kernel.h) otherwise.
 //
 //   q:   [B, Sq, Hq, D] or packed [Tq, Hq, D] (varlen, cu_seqlens_q)   any strides, last dim contiguous
 //   k,v: [B, Sk, Hkv, D] or packed [Tk, Hkv, D] (varlen, cu_seqlens_k), Hq % Hkv == 0
