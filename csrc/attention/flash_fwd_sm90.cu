@@ -123,10 +123,11 @@ Status flash_fwd_sm90(const FlashFwdParams& p, cudaStream_t stream) {
   const int batch = varlen ? 1 : p.batch;
   const int64_t rows_q = varlen ? p.total_q : p.seqlen_q, rows_k = varlen ? p.total_k : p.seqlen_k;
   if (rows_q <= 0 || rows_k <= 0) return Status::Error("flash_attention: empty q or k rows for the sm_90a kernel");
+  const Sm90Tile tile = flash_fwd_sm90_tile(p.head_dim);
   Status s = make_map(&params.q_map, p.q, p.dtype, p.head_dim, rows_q, p.num_heads_q, batch, p.q_stride_s,
-                      p.q_stride_h, p.q_stride_b, 128);
+                      p.q_stride_h, p.q_stride_b, tile.block_m);
   if (!s.ok) return s;
-  const int block_n = flash_fwd_sm90_block_n(p.head_dim);
+  const int block_n = tile.block_n;
   s = make_map(&params.k_map, p.k, p.dtype, p.head_dim, rows_k, p.num_heads_k, batch, p.k_stride_s, p.k_stride_h,
                p.k_stride_b, block_n);
   if (!s.ok) return s;

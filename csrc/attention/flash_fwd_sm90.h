@@ -22,10 +22,18 @@ struct Sm90Params {
   int section_pairs = 1;  // (sequence, head) pairs whose K and V share L2 under causal or window masks
 };
 
-// Keys per tile of the kernel for a head dim (its Config<D>::kBlockN); also the TMA box height
-// of K and V. (160-key tiles for D = 128, which fit the consumers' registers, measured no faster
-// on an H100.)
-constexpr int flash_fwd_sm90_block_n(int head_dim) { return head_dim <= 128 ? 128 : 64; }
+// The kernel's tile for a head dim (its Config<D, BM, BN>): query rows per work tile, 64 per
+// consumer warpgroup, and keys per K/V tile; also the TMA box heights. The S accumulator
+// (BN / 2 registers per thread), P (BN / 4) and O (D / 2) must fit a consumer's registers, and Q
+// plus two stages of K and V 227 KiB of shared memory (D = 256: 64 + 4 x 32 KiB). Measured on
+// an H100 and not taken: 160-key tiles at D = 128 (no faster); 192-row tiles (three consumers)
+// at D = 64: 192 x 96 gained 7% at S = 16k but lost 8-13% at S = 1k/4k, 192 x 64 lost everywhere.
+struct Sm90Tile {
+  int block_m, block_n;
+};
+constexpr Sm90Tile flash_fwd_sm90_tile(int head_dim) {
+  return head_dim > 128 ? Sm90Tile{128, 64} : Sm90Tile{128, 128};
+}
 
 // Empty when the Hopper kernel can run `p` on the current device, else the reason it cannot.
 std::string flash_fwd_sm90_unsupported(const FlashFwdParams& p);

@@ -1,16 +1,16 @@
-// The Hopper attention forward (sm_90a): TMA loads by a producer warp, wgmma by two consumer
-// warpgroups, softmax overlapped with the previous tile's P V product.
+// The Hopper attention forward (sm_90a): TMA loads by a producer warp, wgmma by two or three
+// consumer warpgroups, softmax overlapped with the previous tile's P V product.
 //
-// A work tile is 128 query rows of one (sequence, query head); persistent CTAs (one per SM)
-// walk the work tiles, each CTA with three warpgroups:
+// A work tile is 128 query rows (192 at D = 64) of one (sequence, query head); persistent CTAs
+// (one per SM) walk the work tiles, each CTA with these warpgroups:
 // * warpgroup 0, the producer: one thread issues the TMA loads of Q (once) and of each K and V
 //   tile into a two-stage ring of shared buffers, each stage guarded by a "full" mbarrier (bytes
-//   landed) and an "empty" one (both consumers are done reading). The warpgroup gives most of its
+//   landed) and an "empty" one (every consumer is done reading). The warpgroup gives most of its
 //   registers back (setmaxnreg) to
-// * warpgroups 1 and 2, the consumers, each owning 64 of the rows. Per key tile j a consumer
+// * warpgroups 1.., the consumers, each owning 64 of the rows. Per key tile j a consumer
 //   issues S(j) = Q K(j)^T (both operands in shared memory) and O += P(j-1) V(j-1) (P from
 //   registers), then runs the online softmax of S(j) while the tensor cores are still busy with
-//   P V, and finally rescales O once P V has landed. Named barriers make the two consumers take
+//   P V, and finally rescales O once P V has landed. Named barriers make the consumers take
 //   turns issuing their matrix products ("ping-pong"), so one warpgroup's softmax runs under the
 //   other's products.
 //
@@ -44,35 +44,39 @@ namespace flash90 {
 
 using namespace sm90;
 
-constexpr int kBlockM = 128;           // query rows per CTA: two consumer warpgroups of 64
 constexpr int kStages = 2;             // K and V ring depth
-constexpr int kThreads = 3 * 128;      // producer + two consumers
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // Named barrier ids (0 is __syncthreads): the consumers' turns.
 constexpr int kTurnBarrier = 1;
 
-template <int D>
+template <int D, int BM, int BN>
 struct Config {
   static_assert(D % 64 == 0, "tiles are made of 64-column blocks");
   static constexpr int kColBlocks = D / 64;
+  static constexpr int kBlockM = BM;  // query rows per work tile
+  static constexpr int kConsumers = kBlockM / 64;             // consumer warpgroups, 64 rows each
+  static constexpr int kThreads = 128 * (kConsumers + 1);     // plus the producer warpgroup
+  static constexpr int kConsumerWarps = 4 * kConsumers;       // each arrives on the "empty" barriers
   // Keys per tile: the S accumulator (kBlockN / 2 registers per thread) and O (D / 2) must fit
   // a consumer's 240 registers with P and the softmax; and the Q tile plus two stages of K and
   // V must fit 227 KiB of shared memory (D = 256: 64 + 4 x 32 KiB).
-  static constexpr int kBlockN = flash_fwd_sm90_block_n(D);
+  static constexpr int kBlockN = BN;
   static constexpr int kQBytes = kBlockM * D * 2;
   static constexpr int kKVBytes = kBlockN * D * 2;
   static constexpr int kColBlockQ = kBlockM * 128;  // bytes of one 64-column block
   static constexpr int kColBlockKV = kBlockN * 128;
-  // Registers per thread after setmaxnreg. The CTA starts with 168 each (64 K / 384, in steps
-  // of 8) and the consumers' increase waits until the producer has given back as many, so
-  // 128 x producer + 256 x consumer must stay within 384 x 168. The producer's tile scheduler
-  // runs without spills at 40; D = 256's O needs consumers at 240 (its producer then spills a
-  // few bytes outside the loads).
-  static constexpr int kProducerRegisters = D <= 128 ? 40 : 24;
-  static constexpr int kConsumerRegisters = D <= 128 ? 232 : 240;
-  static_assert(128 * kProducerRegisters + 256 * kConsumerRegisters <= 384 * 168, "setmaxnreg would deadlock");
+  // Registers per thread after setmaxnreg. The CTA starts with 64 K / threads each (in steps of
+  // 8) and the consumers' increase waits until the producer has given back as many, so the
+  // totals must stay within the start. The producer's tile scheduler runs without spills at
+  // 40 (32 with three consumers); D = 256's O needs consumers at 240 (its producer then spills
+  // a few bytes outside the loads).
+  static constexpr int kEntryRegisters = 65536 / kThreads / 8 * 8;
+  static constexpr int kProducerRegisters = kConsumers == 3 ? 32 : D <= 128 ? 40 : 24;
+  static constexpr int kConsumerRegisters = kConsumers == 3 ? 160 : D <= 128 ? 232 : 240;
+  static_assert(128 * kProducerRegisters + 128 * kConsumers * kConsumerRegisters <= kThreads * kEntryRegisters,
+                "setmaxnreg would deadlock");
   static constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVBytes + 1024 /* barriers */ + 1024 /* alignment */;
 };
 
@@ -192,7 +196,7 @@ struct WorkTile {
 // one head are consecutive. With them, row blocks differ in length, so the longest go first
 // (the last row blocks of a section's (sequence, head) pairs, then the second-to-last ones...)
 // within sections of `section_pairs` pairs whose K and V fit in L2 together.
-template <int BN>
+template <int BM, int BN>
 __device__ __forceinline__ WorkTile make_work_tile(const FlashFwdParams& p, int t, int num_m_blocks_max,
                                                    bool longest_first, int section_pairs) {
   WorkTile w;
@@ -215,13 +219,13 @@ __device__ __forceinline__ WorkTile make_work_tile(const FlashFwdParams& p, int 
     w.seqlen_k = p.cu_seqlens_k[w.batch + 1] - w.k_start;
   }
   if (p.kv_lens != nullptr) w.seqlen_k = max(0, min(w.seqlen_k, p.kv_lens[w.batch]));
-  const int num_m_blocks = (w.seqlen_q + kBlockM - 1) / kBlockM;
+  const int num_m_blocks = (w.seqlen_q + BM - 1) / BM;
   w.valid = m_rev < num_m_blocks;
-  w.m0 = (num_m_blocks - 1 - m_rev) * kBlockM;
+  w.m0 = (num_m_blocks - 1 - m_rev) * BM;
   // Keys any row of the tile sees: [key_lo, key_hi). Query i sees key j iff
   // i + diag - left <= j <= i + diag + right (bottom-right aligned; -1 = unbounded).
   const int diag = w.seqlen_k - w.seqlen_q, wl = p.window_left, wr = p.window_right;
-  const int m_last = min(w.m0 + kBlockM, w.seqlen_q) - 1;
+  const int m_last = min(w.m0 + BM, w.seqlen_q) - 1;
   const int key_lo = wl >= 0 ? max(0, w.m0 + diag - wl) : 0;
   const int key_hi = wr >= 0 ? min(w.seqlen_k, m_last + diag + wr + 1) : w.seqlen_k;
   w.n_first = key_lo / BN * BN;
@@ -232,12 +236,13 @@ __device__ __forceinline__ WorkTile make_work_tile(const FlashFwdParams& p, int 
 // Persistent: each CTA walks work tiles blockIdx.x, + gridDim.x, ... The producer runs ahead
 // into the next work tile (its first K tile, then Q once the consumers are done with the old
 // one) while the consumers finish the last product and store the outputs of the current one.
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __grid_constant__ Sm90Params params) {
+template <typename T, int D, int BLOCK_M, int BLOCK_N>
+__global__ void __launch_bounds__(Config<D, BLOCK_M, BLOCK_N>::kThreads, 1)
+    flash_fwd_sm90_kernel(const __grid_constant__ Sm90Params params) {
 #ifdef LEPTON_SM90_STUB
   __trap();
 #else
-  using C = Config<D>;
+  using C = Config<D, BLOCK_M, BLOCK_N>;
   constexpr int BN = C::kBlockN, kColBlocks = C::kColBlocks;
   const FlashFwdParams& p = params.p;
 
@@ -249,7 +254,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
   unsigned char* sV = sK + kStages * C::kKVBytes;
   SharedBarriers& bars = *reinterpret_cast<SharedBarriers*>(sV + kStages * C::kKVBytes);
 
-  const int num_m_blocks_max = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int num_m_blocks_max = (p.seqlen_q + C::kBlockM - 1) / C::kBlockM;
   const int num_work = num_m_blocks_max * p.batch * p.num_heads_q;
   const bool longest_first = p.window_left >= 0 || p.window_right >= 0;
   const int group = p.num_heads_q / p.num_heads_k;
@@ -258,15 +263,15 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
   if (threadIdx.x == 0) {
     for (int s = 0; s < 2; ++s) {
       mbarrier_init(&bars.tile_full[s], 1);
-      mbarrier_init(&bars.tile_empty[s], 8);  // every consumer warp arrives
+      mbarrier_init(&bars.tile_empty[s], C::kConsumerWarps);  // every consumer warp arrives
     }
     mbarrier_init(&bars.q_full, 1);
-    mbarrier_init(&bars.q_empty, 8);  // every consumer warp arrives
+    mbarrier_init(&bars.q_empty, C::kConsumerWarps);
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(&bars.k_full[s], 1);
       mbarrier_init(&bars.v_full[s], 1);
-      mbarrier_init(&bars.k_empty[s], 8);
-      mbarrier_init(&bars.v_empty[s], 8);
+      mbarrier_init(&bars.k_empty[s], C::kConsumerWarps);
+      mbarrier_init(&bars.v_empty[s], C::kConsumerWarps);
     }
     mbarrier_init_fence();
   }
@@ -302,7 +307,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
       // With a counter, the next tile goes to whichever CTA asks first (the producer asks once
       // this tile's loads are issued, a little before its consumers finish it).
       const int next = p.tile_counter != nullptr ? gridDim.x + atomicAdd(p.tile_counter, 1) : t + gridDim.x;
-      const WorkTile w = make_work_tile<BN>(p, t, num_m_blocks_max, longest_first, params.section_pairs);
+      const WorkTile w = make_work_tile<C::kBlockM, BN>(p, t, num_m_blocks_max, longest_first, params.section_pairs);
       t = next;
       if (w.num_tiles == 0) continue;
       const int kv_head = w.head / group, map_batch = varlen ? 0 : w.batch;  // varlen maps are one batch
@@ -384,10 +389,11 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
   auto release = [&](uint64_t* bar) {
     if (lane == 0) mbarrier_arrive(bar);
   };
-  // Ping-pong: a consumer issues its products only on its turn, then hands the turn over.
+  // Ping-pong: a consumer issues its products only on its turn, then hands the turn to the
+  // next one (round robin; each barrier joins a consumer and its predecessor).
   auto wait_turn = [&] { named_barrier_sync(kTurnBarrier + consumer, 256); };
-  auto pass_turn = [&] { named_barrier_arrive(kTurnBarrier + (consumer ^ 1), 256); };
-  if (consumer == 1) pass_turn();  // consumer 0 goes first
+  auto pass_turn = [&] { named_barrier_arrive(kTurnBarrier + (consumer + 1) % C::kConsumers, 256); };
+  if (consumer == C::kConsumers - 1) pass_turn();  // consumer 0 goes first
 
   int ring = 0, q_loads = 0;  // as the producer counts them
   for (int n = 0;; ++n) {
@@ -397,7 +403,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
     __syncwarp();
     release(&bars.tile_empty[slot]);
     if (t >= num_work) break;
-    const WorkTile w = make_work_tile<BN>(p, t, num_m_blocks_max, longest_first, params.section_pairs);
+    const WorkTile w = make_work_tile<C::kBlockM, BN>(p, t, num_m_blocks_max, longest_first, params.section_pairs);
     if (!w.valid) continue;
 
     const int diag = w.seqlen_k - w.seqlen_q;
@@ -512,14 +518,15 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const __gri
         *reinterpret_cast<uint32_t*>(out_row + 8 * c) = pack2<T>(o[4 * c + 2 * h] * inv[h], o[4 * c + 2 * h + 1] * inv[h]);
     }
   }
-  if (consumer == 0) wait_turn();  // takes consumer 1's last hand-over: no barrier left half-arrived
+  if (consumer == 0) wait_turn();  // takes the last consumer's final hand-over: no barrier left half-arrived
 #endif
 }
 
 template <typename T, int D>
 Status launch_flash_fwd_sm90(const Sm90Params& params, cudaStream_t stream) {
-  using C = Config<D>;
-  auto kernel = flash_fwd_sm90_kernel<T, D>;
+  constexpr Sm90Tile kTile = flash_fwd_sm90_tile(D);
+  using C = Config<D, kTile.block_m, kTile.block_n>;
+  auto kernel = flash_fwd_sm90_kernel<T, D, kTile.block_m, kTile.block_n>;
   int device = 0;
   LEPTON_RETURN_IF_CUDA_ERROR(cudaGetDevice(&device));
   static bool opted_in[64] = {};
@@ -529,7 +536,7 @@ Status launch_flash_fwd_sm90(const Sm90Params& params, cudaStream_t stream) {
     if (device < 64) opted_in[device] = true;
   }
   const FlashFwdParams& p = params.p;
-  const int64_t num_work = static_cast<int64_t>((p.seqlen_q + kBlockM - 1) / kBlockM) * p.batch * p.num_heads_q;
+  const int64_t num_work = static_cast<int64_t>((p.seqlen_q + C::kBlockM - 1) / C::kBlockM) * p.batch * p.num_heads_q;
   if (num_work > INT_MAX) return Status::Error("flash_attention: too many query blocks for one launch");
   static int sm_count[64] = {};
   int sms = device < 64 ? sm_count[device] : 0;
@@ -543,7 +550,7 @@ Status launch_flash_fwd_sm90(const Sm90Params& params, cudaStream_t stream) {
   // whichever SM frees first.
   const bool uneven = (p.window_left >= 0 || p.window_right >= 0) && p.tile_counter == nullptr;
   const int grid = static_cast<int>(uneven || num_work < sms ? num_work : sms);
-  kernel<<<grid, kThreads, C::kSmemBytes, stream>>>(params);
+  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(params);
   LEPTON_RETURN_IF_CUDA_ERROR(cudaGetLastError());
   return Status::Ok();
 }
