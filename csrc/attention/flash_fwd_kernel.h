@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "attention/flash_fwd.h"
+#include "common/fast_math.cuh"
 
 namespace lepton {
 namespace flash {
@@ -153,21 +154,6 @@ template <> struct Mma<__nv_bfloat16> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
 };
-
-__device__ __forceinline__ float exp2_approx(float x) {  // exp2(-inf) = +0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// tanh(x) = 1 - 2 / (2^(2 x log2 e) + 1): two MUFU operations instead of tanhf's long
-// sequence (whose temporaries spill at D = 128). Absolute error ~1e-7, which is what matters
-// once the result is scaled by softcap and fed to the softmax; +-inf limits come out exact.
-__device__ __forceinline__ float tanh_fast(float x) {
-  float r;
-  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(exp2_approx(x * (2.f * kLog2e)) + 1.f));
-  return 1.f - 2.f * r;
-}
 
 // Copy rows [row0, row0 + ROWS) of a [*, D] global matrix (rows `row_stride` apart) into a
 // shared tile; rows at or past `num_rows` become zeros. Each thread copies one chunk column of

@@ -34,6 +34,7 @@
 #include "attention/flash_fwd.h"
 #include "attention/flash_fwd_sm90.h"
 #include "attention/sm90_primitives.h"
+#include "common/fast_math.cuh"
 
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define LEPTON_SM90_STUB 1  // device pass for another target: the kernel body is not compiled
@@ -89,30 +90,6 @@ struct SharedBarriers {
   uint64_t k_full[kStages], k_empty[kStages];
   uint64_t v_full[kStages], v_empty[kStages];
 };
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-
-__device__ __forceinline__ float exp2_approx(float x) {  // exp2(-inf) = +0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-__device__ __forceinline__ float tanh_fast(float x) {  // as in flash_fwd_kernel.h
-  float r;
-  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(exp2_approx(x * (2.f * kLog2e)) + 1.f));
-  return 1.f - 2.f * r;
-}
 
 // The online softmax state of one consumer thread: two rows (g and g + 8 of its warp's 16).
 template <int BN>
