@@ -1,12 +1,12 @@
 // The Hopper attention forward (sm_90a): TMA loads by a producer warp, wgmma by two or three
 // consumer warpgroups, softmax overlapped with the previous tile's P V product.
 //
-// A work tile is 128 query rows (192 at D = 64) of one (sequence, query head); persistent CTAs
-// (one per SM) walk the work tiles, each CTA with these warpgroups:
-// * warpgroup 0, the producer: one thread issues the TMA loads of Q (once) and of each K and V
-//   tile into a two-stage ring of shared buffers, each stage guarded by a "full" mbarrier (bytes
-//   landed) and an "empty" one (every consumer is done reading). The warpgroup gives most of its
-//   registers back (setmaxnreg) to
+// A work tile is BM query rows (flash_fwd_sm90_tile) of one (sequence, query head); persistent
+// CTAs (one per SM) walk the work tiles (see the launcher), each CTA with these warpgroups:
+// * warpgroup 0, the producer: one thread issues the TMA loads of Q (once per work tile) and of
+//   each K and V tile into a two-stage ring of shared buffers, each stage guarded by a "full"
+//   mbarrier (bytes landed) and an "empty" one (every consumer is done reading). The warpgroup
+//   gives most of its registers back (setmaxnreg) to
 // * warpgroups 1.., the consumers, each owning 64 of the rows. Per key tile j a consumer
 //   issues S(j) = Q K(j)^T (both operands in shared memory) and O += P(j-1) V(j-1) (P from
 //   registers), then runs the online softmax of S(j) while the tensor cores are still busy with
@@ -60,10 +60,7 @@ struct Config {
   static constexpr int kConsumers = kBlockM / 64;             // consumer warpgroups, 64 rows each
   static constexpr int kThreads = 128 * (kConsumers + 1);     // plus the producer warpgroup
   static constexpr int kConsumerWarps = 4 * kConsumers;       // each arrives on the "empty" barriers
-  // Keys per tile: the S accumulator (kBlockN / 2 registers per thread) and O (D / 2) must fit
-  // a consumer's 240 registers with P and the softmax; and the Q tile plus two stages of K and
-  // V must fit 227 KiB of shared memory (D = 256: 64 + 4 x 32 KiB).
-  static constexpr int kBlockN = BN;
+  static constexpr int kBlockN = BN;  // keys per K/V tile
   static constexpr int kQBytes = kBlockM * D * 2;
   static constexpr int kKVBytes = kBlockN * D * 2;
   static constexpr int kColBlockQ = kBlockM * 128;  // bytes of one 64-column block

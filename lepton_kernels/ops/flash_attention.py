@@ -14,6 +14,8 @@ A backend's ``supports`` function takes the same positional arguments as its imp
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Optional, Tuple, Union
 
 import torch
@@ -105,9 +107,15 @@ SM90_AUTO_HEAD_DIMS = (128, 256)
 
 @_backends.trace_as_constant
 def _sm90_kernel_runs(device: torch.device, head_dim: int, dtype: torch.dtype) -> bool:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm90_kernel_runs_on(index, head_dim, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90_kernel_runs_on(index: int, head_dim: int, dtype: torch.dtype) -> bool:  # asked once per key
     from ..cuda import flash_attention as kernel
 
-    return kernel.has_kernel() and kernel.sm90_unsupported(head_dim, dtype, device) is None
+    return kernel.has_kernel() and kernel.sm90_unsupported(head_dim, dtype, torch.device("cuda", index)) is None
 
 
 def _cuda_auto_supports(q, *args) -> Optional[str]:
