@@ -1,9 +1,11 @@
-"""Spreading work over the GPU's SMs, for every backend: the SM count and how many key ranges
-to split attention programs into (flash-decoding). Shapes and device properties only, never
+"""Spreading work over the GPU's SMs, for every backend: the device facts launch plans read (SM
+count, compute capability; cached per device) and how many key ranges to split attention
+programs into (flash-decoding). Shapes and device properties only, never
 data, so a call's launch shape is fixed for CUDA-graph capture."""
 from __future__ import annotations
 
 import functools
+from typing import Tuple
 
 import torch
 
@@ -18,13 +20,26 @@ COMBINE_OVERHEAD_TILES = 1
 MIN_TILES_PER_SPLIT = 2
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @functools.lru_cache(maxsize=None)
 def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def current_sm_count(device: torch.device) -> int:
-    return sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return sm_count(_index(device))
+
+
+@functools.lru_cache(maxsize=None)
+def capability(device_index: int) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def current_capability(device: torch.device) -> Tuple[int, int]:
+    return capability(_index(device))
 
 
 def choose_num_splits(programs: int, max_tiles: int, sm_count: int, decode: bool) -> int:

@@ -57,9 +57,11 @@ Status flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
     if (s % 8 != 0) return Status::Error("flash_attention: strides must be multiples of 8 elements");
   if ((p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr))
     return Status::Error("flash_attention: cu_seqlens_q and cu_seqlens_k go together");
-  if (p.kernel == FlashKernel::kSm90 ||
-      (p.kernel == FlashKernel::kAuto && flash_fwd_sm90_unsupported(p).empty()))
-    return flash_fwd_sm90(p, stream);
+  if (p.kernel != FlashKernel::kMmaSync) {
+    const std::string why = flash_fwd_sm90_unsupported(p);
+    if (why.empty()) return flash_fwd_sm90(p, stream);
+    if (p.kernel == FlashKernel::kSm90) return Status::Error("flash_attention: " + why);
+  }
   switch (p.dtype) {
     case DType::kFloat16: return dispatch_head_dim<__half>(p, stream);
     case DType::kBFloat16: return dispatch_head_dim<__nv_bfloat16>(p, stream);

@@ -1,13 +1,13 @@
 // Host side of the Hopper attention forward: can the call run here, the TMA descriptors, and
 // the instantiation for the dtype and head dim (compiled in flash_fwd_sm90_hdim<D>.cu).
 #include "attention/flash_fwd_sm90.h"
+#include "common/device.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cudaTypedefs.h>
 
 #include <cstdint>
-#include <mutex>
 
 namespace lepton {
 namespace flash90 {
@@ -38,17 +38,6 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   return fn;
 }
 
-bool device_is_sm90(int device) {
-  static int cached[64];  // 0 unknown, 1 yes, 2 no
-  if (device >= 0 && device < 64 && cached[device] != 0) return cached[device] == 1;
-  int major = 0, minor = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  const bool yes = major == 9 && minor == 0;  // sm_90a code runs on compute capability 9.0 only
-  if (device >= 0 && device < 64) cached[device] = yes ? 1 : 2;
-  return yes;
-}
-
 // A [batch, rows, heads, d] tensor (strides in elements) as a rank-4 map with dims innermost
 // first; boxes of 64 x box_rows x 1 x 1.
 Status make_map(CUtensorMap* map, const void* base, DType dtype, int d, int64_t rows, int heads, int batch,
@@ -72,10 +61,10 @@ Status make_map(CUtensorMap* map, const void* base, DType dtype, int d, int64_t 
 
 // How many (sequence, head) pairs' K and V fit in half of L2 (a power of two, at least 1).
 int section_pairs(const FlashFwdParams& p) {
-  int device = 0, l2_bytes = 0;
+  int device = 0;
   cudaGetDevice(&device);
-  if (cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device) != cudaSuccess || l2_bytes <= 0)
-    l2_bytes = 50 << 20;
+  const DeviceInfo* info = cached_device_info(device);
+  const int64_t l2_bytes = info != nullptr && info->l2_bytes > 0 ? info->l2_bytes : 50 << 20;
   const int64_t group = p.num_heads_q / p.num_heads_k;
   const int64_t kv_bytes = 2ll * p.seqlen_k * p.head_dim * 2;  // K and V of one kv head
   const int64_t per_pair = (kv_bytes + group - 1) / group;     // the q heads of a group share it
@@ -105,7 +94,9 @@ std::string flash_fwd_sm90_unsupported(const FlashFwdParams& p) {
 #else
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return "no current CUDA device";
-  if (!device_is_sm90(device)) return "the sm_90a kernel needs a compute capability 9.0 GPU";
+  const DeviceInfo* info = cached_device_info(device);
+  // sm_90a code runs on compute capability 9.0 only
+  if (info == nullptr || info->major != 9 || info->minor != 0) return "the sm_90a kernel needs a compute capability 9.0 GPU";
   if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256)
     return "the sm_90a kernel takes head dims 64, 128 and 256, got " + std::to_string(p.head_dim);
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return "the sm_90a kernel takes float16 or bfloat16";
@@ -115,8 +106,6 @@ std::string flash_fwd_sm90_unsupported(const FlashFwdParams& p) {
 }
 
 Status flash_fwd_sm90(const FlashFwdParams& p, cudaStream_t stream) {
-  const std::string why = flash_fwd_sm90_unsupported(p);
-  if (!why.empty()) return Status::Error("flash_attention: " + why);
   Sm90Params params{};
   params.p = p;
   const bool varlen = p.cu_seqlens_q != nullptr;

@@ -38,6 +38,7 @@ constexpr Sm90Tile flash_fwd_sm90_tile(int head_dim) {
 // Empty when the Hopper kernel can run `p` on the current device, else the reason it cannot.
 std::string flash_fwd_sm90_unsupported(const FlashFwdParams& p);
 
+// Runs `p` on the Hopper kernel; the caller has checked flash_fwd_sm90_unsupported(p).
 Status flash_fwd_sm90(const FlashFwdParams& p, cudaStream_t stream);
 
 }  // namespace lepton

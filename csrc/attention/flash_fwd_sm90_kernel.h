@@ -34,6 +34,7 @@
 #include "attention/flash_fwd.h"
 #include "attention/flash_fwd_sm90.h"
 #include "attention/sm90_primitives.h"
+#include "common/device.h"
 #include "common/fast_math.cuh"
 
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -512,12 +513,9 @@ Status launch_flash_fwd_sm90(const Sm90Params& params, cudaStream_t stream) {
   const FlashFwdParams& p = params.p;
   const int64_t num_work = static_cast<int64_t>((p.seqlen_q + C::kBlockM - 1) / C::kBlockM) * p.batch * p.num_heads_q;
   if (num_work > INT_MAX) return Status::Error("flash_attention: too many query blocks for one launch");
-  static int sm_count[64] = {};
-  int sms = device < 64 ? sm_count[device] : 0;
-  if (sms == 0) {
-    LEPTON_RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    if (device < 64) sm_count[device] = sms;
-  }
+  const DeviceInfo* info = cached_device_info(device);
+  if (info == nullptr) return Status::Error("flash_attention: cannot query the current CUDA device");
+  const int sms = info->multiprocessors;
   // Persistent (one CTA per SM). With causal or window masks work tiles differ in length and a
   // static round robin balances badly: there the CTAs take tiles from a counter when the caller
   // provides one, else there is one CTA per work tile and the hardware hands the next one to

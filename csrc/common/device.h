@@ -19,6 +19,10 @@ struct DeviceInfo {
 // Fills `info` for `device`; fails with the CUDA runtime's message when no usable GPU exists.
 Status query_device(int device, DeviceInfo* info);
 
+// query_device once per device (launchers read these facts on every call); nullptr when the
+// query fails.
+const DeviceInfo* cached_device_info(int device);
+
 // Version of the CUDA driver on this machine (e.g. 13000), or 0 when there is none.
 int driver_version();
 

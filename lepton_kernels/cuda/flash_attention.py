@@ -1,12 +1,12 @@
 """Launch the compiled attention forward (``csrc/attention``) on the current stream."""
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple
 
 import torch
 
 from .._backends import trace_as_constant
+from .._splits import current_capability
 from . import DTYPE_CODES, _C, current_stream
 
 HEAD_DIMS = (64, 80, 96, 128, 192, 256)
@@ -28,15 +28,6 @@ def sm90_unsupported(head_dim: int, dtype: torch.dtype, device: torch.device) ->
 def has_kernel() -> bool:
     """Whether the compiled extension was built with this kernel (older builds lack it)."""
     return _C is not None and hasattr(_C, "flash_fwd")
-
-
-@functools.lru_cache(maxsize=None)
-def _device_capability(index: int) -> Tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-def _compute_capability(device: torch.device) -> Tuple[int, int]:
-    return _device_capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _tile_ready(x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +85,7 @@ def flash_attention(
     # Causal and windowed calls on the sm_90a kernel count work tiles in a zeroed int32 (its
     # CTAs take the next tile when they free up); other calls need none.
     tile_counter = None
-    if (window_left >= 0 or window_right >= 0) and kernel != "mma_sync" and _compute_capability(q.device) == (9, 0):
+    if (window_left >= 0 or window_right >= 0) and kernel != "mma_sync" and current_capability(q.device) == (9, 0):
         tile_counter = torch.zeros(1, dtype=torch.int32, device=q.device)
 
     q, k, v = _tile_ready(q), _tile_ready(k), _tile_ready(v)

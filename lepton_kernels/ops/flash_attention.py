@@ -25,6 +25,7 @@ from .. import cuda as _cuda
 from .._options import check_mask_options, check_max_seqlen, check_softmax_scale
 from .. import triton as _triton
 from .._library import define_op, lazy
+from .._splits import current_capability
 
 OP = "flash_attention"
 ATTENTION_DTYPES = _validate.FLOAT_DTYPES + (torch.float64,)  # float64 only for the torch backend
@@ -94,8 +95,7 @@ def _cuda_supports(q, *args) -> Optional[str]:
 def _hopper_or_newer(device: torch.device) -> bool:
     if device.type != "cuda" or torch.version.hip is not None:
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(index) >= (9, 0)
+    return current_capability(device) >= (9, 0)
 
 
 # Decode-shaped calls (this many queries per sequence or fewer) go to Triton's split-KV path.

@@ -20,7 +20,6 @@ has q's shape and dtype; lse is float32 ``[B, Hq, Sq]`` (or ``[Hq, Tq]``), natur
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple
 
 import torch
@@ -29,7 +28,7 @@ import triton.language as tl
 
 from . import interpreting, unavailable_reason
 from .flash_attention_configs import AttentionTiles, attention_tiles, decode_tiles, shared_memory_budget
-from .._splits import MAX_SPLITS, choose_num_splits, sm_count
+from .._splits import MAX_SPLITS, choose_num_splits, current_capability, sm_count
 
 OP = "flash_attention"
 MAX_HEAD_DIM = 256
@@ -350,11 +349,6 @@ def _attn_combine_kernel(
     tl.store(lse_ptrs, lse, mask=row_ok)
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(device_index: int) -> Tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
-
-
 _HAS_DEVICE_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor")  # triton >= 3.4
 _allocator_set = False
 
@@ -448,7 +442,7 @@ def flash_attention(
         window_right = 0 if window_right < 0 else min(window_right, 0)
     has_left, has_right = window_left >= 0, window_right >= 0
 
-    cap = (0, 0) if interp else _capability(q.device.index if q.device.index is not None else 0)
+    cap = (0, 0) if interp else current_capability(q.device)
     if tiles is None:
         tiles = attention_tiles(block_d, q.dtype, cap, seqlen_q * pack, interp, masked=has_left or has_right)
         if tiles.block_m <= 64 and seqlen_q * pack <= tiles.block_m and not interp:

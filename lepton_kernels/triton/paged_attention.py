@@ -35,9 +35,9 @@ import triton
 import triton.language as tl
 
 from . import interpreting, unavailable_reason
-from .flash_attention import LOG2E, _capability, online_softmax_step, score_tile
+from .flash_attention import LOG2E, online_softmax_step, score_tile
 from .flash_attention_configs import AttentionTiles, attention_tiles, decode_tiles
-from .._splits import MAX_SPLITS, MIN_TILES_PER_SPLIT, choose_num_splits, sm_count
+from .._splits import MAX_SPLITS, MIN_TILES_PER_SPLIT, capability, choose_num_splits, sm_count
 
 OP = "paged_attention"
 MAX_HEAD_DIM = 256
@@ -410,7 +410,7 @@ def launch_plan(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tenso
                 block_size=block_size, batch=block_table.shape[0], max_blocks=block_table.shape[1],
                 varlen=cu_seqlens_q is not None, max_seqlen_q=max_seqlen_q, q_dtype=q.dtype,
                 cache_dtype=k_cache.dtype, window_left=window_left, window_right=window_right,
-                capability=(0, 0) if interp else _capability(index), sm_count=1 if interp else sm_count(index),
+                capability=(0, 0) if interp else capability(index), sm_count=1 if interp else sm_count(index),
                 interp=interp, tiles=tiles, num_splits=num_splits)
 
 
