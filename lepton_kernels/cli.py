@@ -4,6 +4,7 @@ backend against the torch reference, and the benchmarks.
     lepton-kernels info [--json]
     lepton-kernels selfcheck [--op NAME ...] [--device cpu|cuda] [--json]
     lepton-kernels bench <op> [--quick] [--out DIR] [--no-plot]
+    lepton-kernels bench --replot RESULTS.json [...]
     lepton-kernels bench --list
 """
 from __future__ import annotations
@@ -439,6 +440,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         for name in bench.names():
             print(name)
         return EXIT_OK
+    if args.replot:
+        paths = [bench.replot(path) for path in args.replot]
+        for path in paths:
+            if path is not None:
+                print(f"wrote {path}")
+        if not all(paths):
+            print("lepton-kernels bench --replot: some plots were not drawn (matplotlib missing, or no matching "
+                  "rows)", file=sys.stderr)
+            return EXIT_FAIL
+        return EXIT_OK
     if args.op is None:
         print(f"lepton-kernels bench: name an op to benchmark: {', '.join(bench.names())}", file=sys.stderr)
         return EXIT_USAGE
@@ -487,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=str(DEFAULT_OUT_DIR), metavar="DIR",
                        help=f"where to write the results (default: {DEFAULT_OUT_DIR}, relative to the current directory)")
     bench.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    bench.add_argument("--replot", nargs="+", metavar="JSON",
+                       help="draw the PNG of results files written earlier (no GPU needed; needs matplotlib)")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

@@ -167,6 +167,22 @@ def test_plot_drawn_with_matplotlib(tmp_path):
     assert paths["png"].stat().st_size > 0
 
 
+def test_replot_from_results_json(tmp_path, monkeypatch):
+    """A GPU run without matplotlib leaves md + json; the plot is drawn later from the json."""
+    rows = harness.finalize_rows(_synthetic_rows(), CEILINGS)
+    paths = report.write_report("demo", rows, CEILINGS, ENV, tmp_path, make_plot=False)
+    spec = report.PlotSpec(x="T", where={"D": 128})
+    assert report.replot_results(paths["json"], None) is None  # an op without a plot
+    with pytest.raises(ValueError, match="not a benchmark results file"):
+        (tmp_path / "other.json").write_text("{}")
+        report.read_results(tmp_path / "other.json")
+    if report._matplotlib() is not None:
+        assert report.replot_results(paths["json"], spec) == tmp_path / "demo-h200.png"
+        assert (tmp_path / "demo-h200.png").stat().st_size > 0
+    monkeypatch.setattr(report, "_matplotlib", lambda: None)
+    assert report.replot_results(paths["json"], spec) is None
+
+
 def test_registry():
     assert "paged_kv_write" in bench.names()
     assert bench.load("paged_kv_write").run is bench_pkw.run

@@ -188,3 +188,21 @@ def test_bench_paged_kv_write_quick(tmp_path, capsys):
     assert "anchor: torch copy_" in backends and "torch" in backends
     assert all(r["median_us"] > 0 for r in data["rows"])
     assert all(r["vs_anchor"] is not None for r in data["rows"])
+
+
+def test_bench_replot_draws_from_a_results_json(tmp_path, capsys):
+    """``bench --replot``: the plot of a results file, on a machine without a GPU."""
+    from lepton_kernels.bench import report
+    from lepton_kernels.bench.harness import Ceilings, Row, finalize_rows
+
+    rows = [Row(op="paged_kv_write", backend=backend, shape={"T": t, "block_size": 16, "cache": "bf16"},
+                median_us=us, method="graph", bytes=1 << 20, is_anchor=backend.startswith("anchor"))
+            for backend, us in (("anchor: torch copy_", 2.0), ("cuda", 1.0)) for t in (256, 4096)]
+    rows = finalize_rows(rows, Ceilings(copy_gbps=3000.0, matmul_tflops=700.0, copy_bytes=1 << 30))
+    env = {"gpu": "NVIDIA H100", "gpu_slug": "h100"}
+    paths = report.write_report("paged_kv_write", rows, None, env, tmp_path, make_plot=False)
+    code = cli.main(["bench", "--replot", str(paths["json"])])
+    if report._matplotlib() is None:
+        assert code == 1 and "not drawn" in capsys.readouterr().err
+    else:
+        assert code == 0 and (tmp_path / "paged_kv_write-h100.png").stat().st_size > 0

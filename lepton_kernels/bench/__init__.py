@@ -65,12 +65,24 @@ def run_benchmark(
     harness.log(f"{op}: benchmarking on {harness.environment()['gpu']}" + (" (quick)" if quick else ""))
     ceilings = harness.measure_ceilings()
     rows = finalize_rows(list(module.run(harness, quick)), ceilings)
-    plot_spec = getattr(module, "PLOT", None)
-    if callable(plot_spec):
-        plot_spec = plot_spec(quick)
     notes = list(getattr(module, "NOTES", ())) + harness.notes
     return write_report(op, rows, ceilings, harness.environment(), out_dir, methods=harness.methods_used,
-                        notes=notes, quick=quick, plot=plot_spec, make_plot=plot)
+                        notes=notes, quick=quick, plot=plot_spec(op, quick), make_plot=plot)
 
 
-__all__ = ["BENCHMARKS", "DEFAULT_OUT_DIR", "load", "names", "run_benchmark"]
+def plot_spec(op: str, quick: bool):
+    """The op's ``PLOT`` (a ``report.PlotSpec``), or None."""
+    spec = getattr(load(op), "PLOT", None)
+    return spec(quick) if callable(spec) else spec
+
+
+def replot(json_path: Union[str, Path]) -> Optional[Path]:
+    """Draw the PNG of a results JSON (next to it) on a machine with matplotlib, e.g. after a
+    GPU run without it. Needs no GPU. Returns the path, or None when nothing could be drawn."""
+    from .report import read_results, replot_results
+
+    data = read_results(json_path)
+    return replot_results(json_path, plot_spec(data["op"], bool(data.get("quick"))))
+
+
+__all__ = ["BENCHMARKS", "DEFAULT_OUT_DIR", "load", "names", "plot_spec", "replot", "run_benchmark"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -217,3 +218,23 @@ def draw_plot(op: str, rows: Sequence[Row], ceilings: Optional[Ceilings], env: D
     fig.tight_layout()
     fig.savefig(str(path), dpi=120)
     return True
+
+
+def read_results(json_path: Union[str, Path]) -> Dict[str, Any]:
+    """A results JSON written by :func:`write_report`."""
+    data = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or "rows" not in data or "op" not in data:
+        raise ValueError(f"{json_path} is not a benchmark results file (no 'op' and 'rows')")
+    return data
+
+
+def replot_results(json_path: Union[str, Path], spec: Optional[PlotSpec]) -> Optional[Path]:
+    """Draw ``spec`` from a results JSON into the PNG beside it; None when matplotlib is
+    missing, the op has no plot, or no row matches."""
+    if spec is None:
+        return None
+    data = read_results(json_path)
+    rows = [SimpleNamespace(**row) for row in data["rows"]]
+    ceilings = Ceilings(**data["ceilings"]) if data.get("ceilings") else None
+    path = Path(json_path).with_suffix(".png")
+    return path if draw_plot(data["op"], rows, ceilings, data.get("environment", {}), spec, path) else None
