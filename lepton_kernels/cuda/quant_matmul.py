@@ -31,9 +31,8 @@ STEP_K = 128  # input channels per warp step
 WARPS = 8
 BLOCKS_PER_SM = 2  # resident blocks per SM at the kernel's register budget
 MAX_SPLITS = 32
-BLOCK_ROWS = 64  # weight rows per block: w8a16, and w4a16 row tiles past one wave
 FULL_FRACTION = 0.75  # w8a16: of the resident slots, row tiles filling this many are not split
-SPLIT_FRACTION = 0.7  # w4a16: of the SMs, row tiles reaching this many are not split
+SPLIT_COST_STEPS = 2  # w4a16: a split's partial and combine, in warp steps
 COUNTERS_MIN = 1 << 12
 _VEC = {"w4a16": 4, "w8a16": 16}  # packed elements per 16 bytes
 _LAYOUTS = {"w4a16": "int4_k8", "w8a16": "rowmajor"}
@@ -74,42 +73,37 @@ def choose_plan(m: int, n: int, k: int, int4: bool, sm_count: int, warps_n: Opti
 
 
 def _warps_n(n: int, per_warp: int, int4: bool, slots: int) -> int:
-    if not int4:
-        # w8a16 keeps the H200 sweep's blocks of 64 weight rows (not re-measured since).
-        warps_n = max(1, BLOCK_ROWS // per_warp)
-        while warps_n > 1 and per_warp * (warps_n // 2) >= n:
-            warps_n //= 2
-        return warps_n
     # One warp across: its block is one warp's rows with all 8 warps on K, the most blocks to
-    # spread over the SMs (H100: 4096 rows at 16 tokens, (1, 1) 10.5 us vs (2, 4) 13.4 us).
-    # Only when those blocks overflow one wave of resident slots do 64-row blocks win
-    # (14336 rows at 16 tokens: 448 tiles, (1, 1) 26.8 us vs (2, 1) 24.2 us).
-    if _cdiv(n, per_warp) <= slots:
-        return 1
-    return max(1, BLOCK_ROWS // per_warp)
+    # spread over the SMs (H100, 4096 x 4096 at 16 tokens: w4a16 (1, 1) 10.4 us vs (2, 4) 13.2;
+    # w8a16 (1, 1) 12.2 us vs (4, 4) 16.0). When those blocks overflow one wave of resident
+    # slots, the fewest warps across that fit one wave (6144 x 4096 w8a16 at 16 tokens: (2, 1)
+    # 17.7 us vs (4, 2) 21.8; 14336 rows at 16 tokens: w4a16 (2, 1) 22.6 us, w8a16 (4, 1)
+    # 31.2 us, the fastest measured).
+    warps_n = 1
+    while warps_n < WARPS and _cdiv(n, per_warp * warps_n) > slots:
+        warps_n *= 2
+    return warps_n
 
 
 def _splits(row_tiles: int, steps: int, warps_k: int, sm_count: int, slots: int, int4: bool) -> int:
     if not int4:
-        # w8a16: as many splits as one wave holds once the tiles leave most slots idle.
+        # w8a16: as many splits as one wave holds once the tiles leave most slots idle
+        # (4096 x 14336 at one token: (1, 2) 26.5 us vs (1, 1) 28.6).
         if row_tiles >= FULL_FRACTION * slots:
             return 1
         most = max(1, steps // warps_k)
         return max(1, min(slots // row_tiles, most, MAX_SPLITS))
-    # A split costs a partial's round trip and the combine: not worth it once the row tiles
-    # reach most SMs (6144 rows, 96 tiles: (1, 1) 12.3 us vs (1, 2) 12.7 us). Otherwise the
-    # split count (one wave at most, a step per warp at least) that minimizes the critical path:
-    # blocks on the busiest SM x steps of a block's busiest warp; ties go to more splits (more
-    # loads in flight). An uneven split idles warps: 112 steps in 4 splits give a block's warps
-    # 4, ..., 4, 0 steps, and (1, 2) beats (1, 4) there (19.4 vs 21.2 us), while 32 steps in 4
-    # splits are even and beat 2 splits (8.8 vs 9.7 us).
-    if row_tiles >= SPLIT_FRACTION * sm_count:
-        return 1
+    # The split count (one wave of resident blocks at most, a step per warp at least) that
+    # minimizes a block's busiest warp's steps plus what a split costs (the partial's round trip
+    # and the combine, SPLIT_COST_STEPS); ties go to fewer splits. H100 measurements it matches
+    # (us): 4096 x 4096 at 1 token (1, 4) 8.7 vs (1, 1) 9.9, at 16 tokens (1, 1) 10.4 vs (1, 2)
+    # 11.8; 4096 x 14336 at 1 token (1, 4) 17.6 vs (1, 2) 19.7, at 16 tokens (1, 2) 23.8 vs
+    # (1, 1) 27.0; 6144 x 4096 at 1 token (1, 1) 10.3 vs (1, 2) 10.7.
     most = max(1, min(slots // row_tiles, steps // warps_k, MAX_SPLITS))
     best, best_cost = 1, None
     for s in range(1, most + 1):
-        cost = _cdiv(row_tiles * s, sm_count) * _cdiv(_cdiv(steps, s), warps_k)
-        if best_cost is None or cost <= best_cost:
+        cost = _cdiv(_cdiv(steps, s), warps_k) + (SPLIT_COST_STEPS if s > 1 else 0)
+        if best_cost is None or cost < best_cost:
             best, best_cost = s, cost
     return best
 
