@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from .. import _dispatch
 from .. import _validate as V
+from ..gpu import paged_attention as gpu_paged
 from . import ragged_paged_attention as rpa
 from .flash_attention import _attend_reference, _segments, visible
 
@@ -71,6 +72,9 @@ def _run(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, k_scale, v_sc
         return paged_attention_reference(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q=cu_seqlens_q,
                                          softmax_scale=scale, causal=causal, window=window, softcap=softcap,
                                          k_scale=k_scale, v_scale=v_scale, return_lse=return_lse)
+    if impl == "gpu":
+        return gpu_paged.paged_attention_gpu(q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale,
+                                             scale=scale, window=window, softcap=softcap, return_lse=return_lse)
     interpret = _dispatch.interpret_params() if impl == "interpret" else False
     return rpa.ragged_paged_attention_tpu(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, k_scale,
                                           v_scale, scale=scale, causal=causal, window=window, softcap=softcap,
@@ -169,7 +173,8 @@ def paged_attention(
             raise ValueError(f"block_sizes.block_kv ({block_sizes.block_kv}) must be a multiple of the cache "
                              f"block size ({k_cache.shape[1]})")
 
-    impl = _dispatch.select(OP, backend, _tpu_unavailable_reason(q, k_cache))
+    gpu_reason = functools.partial(gpu_paged.unavailable_reason, q, k_cache, block_table, cu_seqlens_q=cu_seqlens_q)
+    impl = _dispatch.select(OP, backend, _tpu_unavailable_reason(q, k_cache), gpu_reason)
     return _run(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, k_scale, v_scale, impl=impl,
                 scale=softmax_scale, causal=causal, window=(left, right), softcap=softcap, return_lse=return_lse,
                 max_seqlen_q=max_seqlen_q, block_sizes=block_sizes)

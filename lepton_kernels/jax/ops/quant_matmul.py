@@ -49,6 +49,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from .. import _dispatch
 from .. import _validate as V
+from ..gpu import quant_matmul as gpu_quant
 
 SCHEMES = ("w4a16", "w8a16", "w8a8", "fp8")
 GROUP_SIZES = (32, 64, 128)
@@ -269,7 +270,9 @@ def quantize_activations(x, scheme: str):
         return jnp.clip(jnp.round(_div(xf, scale)), -INT8_MAX, INT8_MAX).astype(jnp.int8), scale
     scale = jnp.maximum(_div(amax, V.FP8_E4M3_MAX), tiny)
     xq = jnp.clip(_div(xf, scale), -V.FP8_E4M3_MAX, V.FP8_E4M3_MAX)
-    return xq.astype(jnp.float8_e4m3fn), scale
+    # The barrier keeps the e4m3 rounding: XLA (excess precision allowed, its default) folds
+    # f32 -> e4m3 -> f16 into f32 -> f16, which silently skipped the activation quantization.
+    return lax.optimization_barrier(xq.astype(jnp.float8_e4m3fn)), scale
 
 
 @functools.partial(jax.jit, static_argnames=("scheme", "group_size", "symmetric"))
@@ -538,7 +541,10 @@ def _run(x, qw, bias, *, impl, block_sizes):
     x2 = x.reshape(-1, qw.k)
     if qw.perm is not None:  # gather the activation columns once, never the weight
         x2 = x2[:, qw.perm]
-    out = quant_matmul_tpu(x2, qw, bias, block_sizes=block_sizes, interpret=interpret)
+    if impl == "gpu":
+        out = gpu_quant.quant_matmul_gpu(x2, qw, bias)
+    else:
+        out = quant_matmul_tpu(x2, qw, bias, block_sizes=block_sizes, interpret=interpret)
     return out.reshape(*x.shape[:-1], qw.n)
 
 
@@ -572,7 +578,8 @@ def quant_matmul(x: jax.Array, qw: QuantizedWeight, bias: Optional[jax.Array] = 
         V.check_shape("bias", bias, (qw.n,), "(one value per output channel of qw)")
     if block_sizes is not None and not isinstance(block_sizes, QuantBlockSizes):
         raise TypeError(f"block_sizes must be a QuantBlockSizes or None, got {type(block_sizes).__name__}")
-    impl = _dispatch.select("quant_matmul", backend, _tpu_unavailable_reason(x, qw))
+    gpu_reason = functools.partial(gpu_quant.unavailable_reason, x, qw)
+    impl = _dispatch.select("quant_matmul", backend, _tpu_unavailable_reason(x, qw), gpu_reason)
     if x.size == 0:
         return jnp.zeros((*x.shape[:-1], qw.n), x.dtype)
     return _run(x, qw, bias, impl=impl, block_sizes=block_sizes)

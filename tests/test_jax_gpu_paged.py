@@ -1,0 +1,368 @@
+"""lepton_kernels.jax paged_attention on the Mosaic GPU decode kernel (backend="gpu").
+
+* On a Hopper GPU (``-m gpu``): the kernel against the jnp reference in float32, with
+  FlashAttention's tolerance rule (error at most 2x that of the same attention computed in the
+  input dtype, + eps), over permuted block tables, lengths off the page size, lengths 1 and 0,
+  GQA / MQA / MHA, head dims 64/128/256, page sizes 8 to 256, split-KV, fp8 caches, a left
+  window, softcap and lse. Cache slots that hold no live token are NaN, and block-table entries
+  past a sequence's pages point outside the cache, so reading either shows.
+* Anywhere: why a call falls back; with jax's Mosaic GPU bindings, that every head dim, page
+  size, split mode and cache dtype lowers for CUDA (``jax.export``, no GPU needed), and that
+  the kernel's barrier protocol, page walk, masking and split merge are right in Pallas'
+  Mosaic GPU interpreter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+from jax import export  # noqa: E402
+
+import lepton_kernels.jax as lj  # noqa: E402
+from lepton_kernels.jax.gpu import _mosaic  # noqa: E402
+from lepton_kernels.jax.gpu import paged_attention as gpa  # noqa: E402
+
+S = jax.ShapeDtypeStruct
+FP8 = jnp.float8_e4m3fn
+
+
+def require_hopper():
+    reason = _mosaic.device_reason() or _mosaic.masked_kernel_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def require_interpreter():
+    if _mosaic.interpret_params() is None or jax.default_backend() != "cpu":
+        pytest.skip("needs a CPU jax with the Mosaic GPU bindings and interpreter")
+
+
+def paged_case(seed, batch, hq, hkv, d, block_size, lens, dtype, *, fp8=False, spare_blocks=3):
+    """Random q and caches: each sequence's pages at random places of the cache, every slot
+    that holds no live token NaN, table entries past a sequence's pages out of range."""
+    rng = np.random.default_rng(seed)
+    lens = np.asarray(lens, np.int32)
+    max_blocks = max(1, -(-int(lens.max()) // block_size))
+    num_blocks = batch * max_blocks + spare_blocks
+    q = rng.standard_normal((batch, hq, d), np.float32)
+    k = rng.standard_normal((num_blocks, block_size, hkv, d), np.float32)
+    v = rng.standard_normal((num_blocks, block_size, hkv, d), np.float32)
+    table = rng.permutation(num_blocks)[:batch * max_blocks].reshape(batch, max_blocks).astype(np.int32)
+    live = np.zeros((num_blocks, block_size), bool)
+    for b in range(batch):
+        tokens = np.arange(lens[b])
+        live[table[b, tokens // block_size], tokens % block_size] = True
+        table[b, -(-lens[b] // block_size):] = num_blocks + 1000 + b  # never read
+    k[~live], v[~live] = np.nan, np.nan
+    scales = None
+    if fp8:  # per-head scales of the stored values (real = stored * scale)
+        k_scale, v_scale = (rng.uniform(0.5, 2.0, hkv).astype(np.float32) for _ in range(2))
+        k, v = k / k_scale[:, None], v / v_scale[:, None]
+        scales = jnp.asarray(k_scale), jnp.asarray(v_scale)
+    cache_dtype = FP8 if fp8 else dtype
+    return (jnp.asarray(q, dtype), jnp.asarray(k, cache_dtype), jnp.asarray(v, cache_dtype), jnp.asarray(table),
+            jnp.asarray(lens), scales)
+
+
+def decode_lowp(q, k_cache, v_cache, table, lens, *, scale, window=-1, softcap=0.0, scales=None):
+    """Decode attention with every intermediate in q's dtype (the baseline error of the rule)."""
+    dtype = q.dtype
+    batch, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    safe = jnp.clip(table, 0, k_cache.shape[0] - 1)
+
+    def gather(cache, sc):
+        x = cache[safe].astype(jnp.float32)
+        if sc is not None:
+            x = x * jnp.broadcast_to(sc.reshape(-1), (hkv,))[:, None]
+        return jnp.repeat(x.reshape(batch, -1, hkv, d), hq // hkv, axis=2).astype(dtype)
+
+    k = gather(k_cache, None if scales is None else scales[0])
+    v = gather(v_cache, None if scales is None else scales[1])
+    kpos = jnp.arange(k.shape[1])[None, :]
+    mask = kpos < lens[:, None]
+    if window >= 0:
+        mask &= kpos >= lens[:, None] - 1 - window
+    s = jnp.einsum("bhd,bkhd->bhk", q, k, preferred_element_type=dtype) * jnp.asarray(scale, dtype)
+    if softcap:
+        s = jnp.asarray(softcap, dtype) * jnp.tanh(s / jnp.asarray(softcap, dtype))
+    s = jnp.where(mask[:, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    v = jnp.where(mask[:, :, None, None], v, jnp.zeros_like(v))
+    out = jnp.einsum("bhk,bkhd->bhd", p, v, preferred_element_type=dtype)
+    return jnp.where((lens > 0)[:, None, None], out, jnp.zeros_like(out))
+
+
+def max_err(a, b):
+    return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+
+
+def lse_err(a, b):
+    both_inf = jnp.isneginf(a) & jnp.isneginf(b)
+    return float(jnp.max(jnp.where(both_inf, 0.0, jnp.abs(a - b))))
+
+
+def reference(q, k_cache, v_cache, table, lens, *, scale, window=-1, softcap=0.0, scales=None):
+    k_scale, v_scale = scales or (None, None)
+    return lj.paged_attention_reference(q.astype(jnp.float32), k_cache, v_cache, table, lens, softmax_scale=scale,
+                                        window=(window, -1), softcap=softcap, k_scale=k_scale, v_scale=v_scale,
+                                        return_lse=True)
+
+
+# --------------------------------------------------------------------------------------------
+# On a Hopper GPU
+# --------------------------------------------------------------------------------------------
+
+GPU_CASES = [
+    # B, Hq, Hkv, D, block_size, lens, dtype, fp8, window, softcap
+    (4, 32, 8, 128, 16, (1000, 17, 1, 256), jnp.bfloat16, False, -1, 0.0),  # GQA 32/8, length 1
+    (3, 8, 1, 128, 128, (300, 0, 129), jnp.bfloat16, False, -1, 0.0),  # MQA 8/1, length 0, page > stage
+    (2, 8, 8, 64, 16, (77, 500), jnp.float16, False, -1, 0.0),  # MHA, D 64 (128-key stages)
+    (2, 16, 2, 256, 16, (333, 64), jnp.bfloat16, False, -1, 0.0),  # D 256
+    (2, 16, 2, 256, 128, (1500, 3), jnp.float16, False, -1, 0.0),
+    (1, 32, 8, 128, 16, (32768 - 5,), jnp.bfloat16, False, -1, 0.0),  # B=1 long context: split-KV
+    (1, 32, 8, 128, 128, (20000,), jnp.bfloat16, False, -1, 0.0),
+    (1, 8, 8, 64, 128, (9000,), jnp.float16, False, -1, 0.0),
+    (2, 64, 8, 64, 8, (5000, 3001), jnp.bfloat16, False, -1, 0.0),  # G = 8, pages of 8
+    (2, 28, 4, 128, 32, (2000, 1), jnp.bfloat16, False, -1, 0.0),  # G = 7
+    (1, 128, 1, 128, 16, (1000,), jnp.bfloat16, False, -1, 0.0),  # G = 128: two head tiles
+    (2, 4, 2, 128, 256, (700, 300), jnp.bfloat16, False, -1, 0.0),  # page of 4 stages
+    (3, 32, 8, 128, 16, (700, 1, 0), jnp.bfloat16, True, -1, 0.0),  # fp8 caches
+    (1, 32, 8, 128, 16, (30000,), jnp.bfloat16, True, -1, 0.0),
+    (2, 8, 2, 256, 128, (900, 130), jnp.float16, True, -1, 0.0),
+    (2, 16, 4, 64, 16, (1000, 60), jnp.float16, True, -1, 0.0),
+    (2, 32, 8, 128, 16, (3000, 40), jnp.bfloat16, False, 100, 0.0),  # left window
+    (1, 32, 8, 128, 16, (30000,), jnp.bfloat16, False, 1000, 30.0),  # window (split) + softcap
+    (2, 32, 8, 128, 16, (3000, 40), jnp.bfloat16, False, -1, 30.0),  # softcap
+]
+
+
+def _case_id(c):
+    batch, hq, hkv, d, bs, lens, dtype, fp8, window, softcap = c
+    name = f"B{batch}-{hq}/{hkv}-D{d}-bs{bs}-L{max(lens)}-{jnp.dtype(dtype).name}" + ("-fp8" if fp8 else "")
+    return name + (f"-w{window}" if window >= 0 else "") + (f"-cap{softcap:g}" if softcap else "")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
+def test_paged_attention_gpu_matches_reference(case):
+    batch, hq, hkv, d, block_size, lens, dtype, fp8, window, softcap = case
+    require_hopper()
+    q, kc, vc, table, lens, scales = paged_case(1, batch, hq, hkv, d, block_size, lens, dtype, fp8=fp8)
+    scale = d ** -0.5
+    k_scale, v_scale = scales or (None, None)
+    out, lse = lj.paged_attention(q, kc, vc, table, lens, window=(window, -1), softcap=softcap, k_scale=k_scale,
+                                  v_scale=v_scale, return_lse=True, backend="gpu")
+    ref, ref_lse = reference(q, kc, vc, table, lens, scale=scale, window=window, softcap=softcap, scales=scales)
+    assert out.dtype == q.dtype and out.shape == q.shape and lse.shape == (batch, hq)
+    assert not bool(jnp.isnan(out).any()), "NaN in the output"
+    base = max_err(decode_lowp(q, kc, vc, table, lens, scale=scale, window=window, softcap=softcap,
+                               scales=scales), ref)
+    err = max_err(out, ref)
+    assert err <= 2 * base + 1e-5, f"max error {err:.3g} > 2 x {jnp.dtype(dtype).name} attention's {base:.3g}"
+    # lse is f32 from the same f32 scores; approximate exp2/log leave ~1e-3
+    assert lse_err(lse, ref_lse) <= 1e-2, f"lse max error {lse_err(lse, ref_lse):.3g}"
+    empty = np.asarray(lens) == 0
+    assert np.all(np.asarray(out)[empty] == 0) and np.all(np.isneginf(np.asarray(lse)[empty]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [gpa.GpuPagedConfig(block_kv=64, num_stages=2, num_splits=1),
+                                    gpa.GpuPagedConfig(block_kv=128, num_stages=2, num_splits=3),
+                                    gpa.GpuPagedConfig(block_kv=64, num_stages=3, num_splits=7)], ids=str)
+def test_paged_attention_gpu_configs(config):
+    """Tile sizes and split counts the benchmark tries, under jax.jit."""
+    require_hopper()
+    q, kc, vc, table, lens, _ = paged_case(2, 3, 32, 8, 128, 16, (2500, 1, 700), jnp.bfloat16)
+    fn = jax.jit(lambda *a: gpa.paged_attention_gpu(*a, scale=0.1, return_lse=True, config=config))
+    out, lse = fn(q, kc, vc, table, lens)
+    ref, ref_lse = reference(q, kc, vc, table, lens, scale=0.1)
+    base = max_err(decode_lowp(q, kc, vc, table, lens, scale=0.1), ref)
+    assert max_err(out, ref) <= 2 * base + 1e-5
+    assert lse_err(lse, ref_lse) <= 1e-2
+
+
+@pytest.mark.gpu
+def test_auto_uses_the_gpu_kernel_and_logs_fallbacks(caplog):
+    require_hopper()
+    if jax.default_backend() != "gpu":
+        pytest.skip("jax's default backend is not the GPU")
+    q, kc, vc, table, lens, _ = paged_case(3, 2, 8, 2, 128, 16, (100, 37), jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(lj.paged_attention(q, kc, vc, table, lens)),
+                                  np.asarray(lj.paged_attention(q, kc, vc, table, lens, backend="gpu")))
+    cu = jnp.arange(3, dtype=jnp.int32)
+    with caplog.at_level(logging.WARNING, logger="lepton_kernels"):
+        out = lj.paged_attention(q, kc, vc, table, lens, cu_seqlens_q=cu)  # not served: the reference
+    assert "cu_seqlens_q" in caplog.text
+    ref = lj.paged_attention(q, kc, vc, table, lens, cu_seqlens_q=cu, backend="reference")
+    assert max_err(out, ref) == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Anywhere
+# --------------------------------------------------------------------------------------------
+
+def _reason(q_shape=(2, 8, 128), cache_shape=(10, 16, 2, 128), dtype=jnp.bfloat16, cache_dtype=None, blocks=4,
+            **options):
+    return gpa.unavailable_reason(S(q_shape, dtype), S(cache_shape, cache_dtype or dtype),
+                                  S((q_shape[0], blocks), jnp.int32), check_device=False, **options)
+
+
+@pytest.mark.parametrize("args,words", [
+    (dict(cu_seqlens_q=S((3,), jnp.int32)), "cu_seqlens_q"),
+    (dict(dtype=jnp.float32), "float16/bfloat16"),
+    (dict(cache_dtype=jnp.float16), "caches of q's dtype or float8_e4m3fn"),
+    (dict(q_shape=(2, 8, 96), cache_shape=(10, 16, 2, 96)), "head dims"),
+    (dict(cache_shape=(10, 12, 2, 128)), "multiple of 8"),
+    (dict(cache_shape=(10, 4, 2, 128)), "multiple of 8"),
+    (dict(cache_shape=(10, 96, 2, 128)), "divides 64 or is a multiple of it"),
+    (dict(q_shape=(2, 96, 128), cache_shape=(10, 16, 1, 128)), "Hq/Hkv = 96"),
+    (dict(blocks=0), "empty"),
+    (dict(q_shape=(0, 8, 128)), "empty"),
+    (dict(config=gpa.GpuPagedConfig(block_kv=128, num_stages=8)), "shared memory"),
+])
+def test_gpu_fallback_reasons(args, words):
+    reason = _reason(**args)
+    assert reason is not None and words in reason, reason
+
+
+@pytest.mark.parametrize("q_shape,cache_shape,cache_dtype", [
+    ((2, 32, 128), (10, 16, 8, 128), None),
+    ((2, 8, 64), (10, 128, 1, 64), None),
+    ((2, 8, 256), (10, 8, 8, 256), FP8),
+    ((2, 128, 128), (10, 256, 1, 128), None),
+])
+def test_gpu_serves_decode_shapes(q_shape, cache_shape, cache_dtype):
+    reason = _reason(q_shape, cache_shape, cache_dtype=cache_dtype)
+    assert reason is None or reason == _mosaic.bindings_reason() or "CUDA runtime" in reason
+
+
+def test_explicit_gpu_backend_names_the_reason():
+    q = jnp.zeros((2, 8, 128), jnp.float32)
+    cache = jnp.zeros((4, 16, 2, 128), jnp.float32)
+    table, lens = jnp.zeros((2, 2), jnp.int32), jnp.ones((2,), jnp.int32)
+    with pytest.raises(lj.BackendUnavailableError, match="backend 'gpu' cannot serve.*float16/bfloat16"):
+        lj.paged_attention(q, cache, cache, table, lens, backend="gpu")
+
+
+def test_choose_num_splits():
+    # B=1, Hkv=8, 32k keys in 64-key stages on 132 SMs: 16 splits fill 128 SMs once.
+    assert gpa.choose_num_splits(8, 512, 132) == 16
+    assert gpa.choose_num_splits(128, 64, 132) == 1  # 128 programs already fill the GPU
+    assert gpa.choose_num_splits(1024, 32, 132) == 1
+    assert gpa.choose_num_splits(8, 3, 132) == 1  # too few stages to split
+    for programs, stages in ((1, 1000), (5, 77), (40, 300)):
+        splits = gpa.choose_num_splits(programs, stages, 132)
+        assert 1 <= splits <= min(gpa.MAX_SPLITS, stages) and programs * splits <= 2 * 132
+
+
+@pytest.mark.parametrize("left", [-1, 0, 5, 100])
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_splits_share_out_the_visible_stages(left, num_splits):
+    """The blocks of one sequence run every stage holding a visible key exactly once, and only
+    those (with lengths past the table's capacity and lengths 0 included)."""
+    capacity, block_kv = 1000, 64
+    lens = jnp.arange(1100, dtype=jnp.int32)
+    stage_range = jax.vmap(jax.vmap(
+        lambda n, s: gpa._stage_range(n, s, left=left, capacity=capacity, block_kv=block_kv,
+                                      num_splits=num_splits), (None, 0)), (0, None))
+    start, steps, kv_len, lo = (np.asarray(x) for x in stage_range(lens, jnp.arange(num_splits, dtype=jnp.int32)))
+    stages = np.arange(capacity // block_kv + 2)
+    for n in range(0, 1100, 7):
+        runs = np.zeros_like(stages)
+        for s in range(num_splits):
+            assert steps[n, s] >= 0
+            runs[start[n, s]:start[n, s] + steps[n, s]] += 1
+        keys_lo = max(n - 1 - left, 0) if left >= 0 else 0
+        keys_hi = min(n, capacity)  # visible keys: [keys_lo, keys_hi)
+        visible = (stages * block_kv < keys_hi) & ((stages + 1) * block_kv > keys_lo) & (keys_lo < keys_hi)
+        np.testing.assert_array_equal(runs, visible.astype(runs.dtype), err_msg=f"seq_len {n}")
+        assert kv_len[n, 0] == keys_hi and (lo[n, 0] == keys_lo or keys_lo >= keys_hi)
+
+
+INTERPRETED = [
+    # B, Hq, Hkv, D, block_size, lens, config, fp8, window, softcap
+    # (each block costs the interpreter seconds, stages little: few blocks, several stages)
+    # 4 pages per stage (the last stage's past the end: the last page re-read), NaN tails
+    # zeroed, two splits of two stages merged, GQA 4/1
+    (1, 4, 1, 64, 16, (250,), gpa.GpuPagedConfig(block_kv=64, num_stages=2, num_splits=2), False, -1, 0.0),
+    # pages of two stages (row ranges of one page), MHA, an empty sequence (its block runs no
+    # stage), a left window and softcap
+    (2, 1, 1, 64, 128, (150, 0), gpa.GpuPagedConfig(block_kv=64, num_stages=2, num_splits=1), False, 70, 5.0),
+    # fp8 pages widened in shared memory with per-head scales, G = 8 packed rows, 5 stages in
+    # a 2-slot ring (the unmasked middle loop)
+    (1, 8, 1, 64, 32, (300,), gpa.GpuPagedConfig(block_kv=64, num_stages=2, num_splits=1), True, -1, 0.0),
+]
+
+
+@pytest.mark.parametrize("case", INTERPRETED, ids=lambda c: f"B{c[0]}-{c[1]}/{c[2]}-bs{c[4]}-L{max(c[5])}"
+                         + ("-fp8" if c[7] else "") + ("-window-softcap" if c[8] >= 0 else ""))
+def test_paged_attention_gpu_interpreted(case):
+    """The kernel in Pallas' Mosaic GPU interpreter (a CPU host with the Mosaic GPU bindings): the
+    barrier protocol (every phase observed), the page walk through the block table (an entry
+    past a sequence's pages would be an out-of-bounds read), masking and the split merge; the
+    wgmmas become dots there."""
+    require_interpreter()
+    batch, hq, hkv, d, block_size, lens, config, fp8, window, softcap = case
+    q, kc, vc, table, lens, scales = paged_case(4, batch, hq, hkv, d, block_size, lens, jnp.float16, fp8=fp8)
+    k_scale, v_scale = scales or (None, None)
+    out, lse = gpa.paged_attention_gpu(q, kc, vc, table, lens, k_scale, v_scale, scale=d ** -0.5,
+                                       window=(window, -1), softcap=softcap, return_lse=True, config=config,
+                                       interpret=_mosaic.interpret_params())
+    ref, ref_lse = reference(q, kc, vc, table, lens, scale=d ** -0.5, window=window, softcap=softcap,
+                             scales=scales)
+    assert not bool(jnp.isnan(out).any())
+    assert max_err(out, ref) <= 2e-3 and lse_err(lse, ref_lse) <= 1e-4
+
+
+def test_public_function_routes_to_the_kernel(monkeypatch):
+    """paged_attention(backend="gpu") -> the kernel, with the options passed through (here on
+    the interpreter, as if this host were a Hopper GPU): fp8 per-tensor scales, softcap, lse."""
+    require_interpreter()
+    params = _mosaic.interpret_params()
+    kernel = gpa.paged_attention_gpu
+    monkeypatch.setattr(gpa, "unavailable_reason", lambda *args, **kwargs: None)
+    monkeypatch.setattr(gpa, "paged_attention_gpu", lambda *args, **kwargs: kernel(*args, interpret=params, **kwargs))
+    q, kc, vc, table, lens, _ = paged_case(5, 1, 4, 1, 64, 16, (70,), jnp.bfloat16, fp8=True)
+    k_scale, v_scale = jnp.float32(1.5), jnp.float32(0.5)
+    options = dict(softmax_scale=0.2, softcap=4.0, k_scale=k_scale, v_scale=v_scale, return_lse=True)
+    out, lse = lj.paged_attention(q, kc, vc, table, lens, backend="gpu", **options)
+    ref, ref_lse = lj.paged_attention(q.astype(jnp.float32), kc, vc, table, lens, backend="reference", **options)
+    assert out.dtype == jnp.bfloat16 and lse.shape == (1, 4)
+    assert max_err(out, ref) <= 1e-2 and lse_err(lse, ref_lse) <= 1e-4
+
+
+LOWERED = [
+    # D, block_size, cache dtype, splits (1: output in q's dtype; more: f32 partials)
+    *[(d, bs, jnp.bfloat16, splits) for d in gpa.HEAD_DIMS for bs, splits in ((8, 1), (16, 4), (128, 1), (256, 4))],
+    *[(d, 16, FP8, 2) for d in gpa.HEAD_DIMS],
+]
+
+
+@pytest.mark.parametrize("case", LOWERED, ids=lambda c: f"D{c[0]}-bs{c[1]}-{jnp.dtype(c[2]).name}-splits{c[3]}")
+def test_paged_attention_gpu_lowers_for_cuda(case):
+    """Pallas' Mosaic GPU lowering (layouts, wgmma shapes, TMA boxes) without a GPU."""
+    if _mosaic.bindings_reason() is not None:
+        pytest.skip(_mosaic.bindings_reason())
+    head_dim, block_size, cache_dtype, splits = case
+    fp8 = cache_dtype == FP8
+    cache = S((50, block_size, 2, head_dim), cache_dtype)
+    args = [S((3, 8, head_dim), jnp.bfloat16), cache, cache, S((3, 4096 // block_size), jnp.int32),
+            S((3,), jnp.int32)]
+    if fp8:
+        args += [S((2,), jnp.float32), S((2,), jnp.float32)]
+    config = dataclasses.replace(gpa.default_config(head_dim, cache_dtype), num_splits=splits)
+
+    def f(q, k, v, table, lens, *scales):  # fp8 with softcap, 16-bit with a window
+        return gpa.paged_attention_gpu(q, k, v, table, lens, *scales, scale=0.1, window=(-1 if fp8 else 300, -1),
+                                       softcap=5.0 if fp8 else 0.0, return_lse=True, config=config)
+
+    assert gpa.unavailable_reason(args[0], cache, args[3], config=config, check_device=False) in (
+        None, _mosaic.masked_kernel_reason())
+    assert "mosaic_gpu" in export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
+
