@@ -1,4 +1,6 @@
-"""lepton_kernels.jax paged_attention on the Mosaic GPU decode kernel (backend="gpu").
+"""lepton_kernels.jax paged_attention on the Mosaic GPU kernels (backend="gpu"): decode, and
+chunked prefill / mixed batches (``cu_seqlens_q``: decode rows, prefill chunks, full prefills
+and zero-query sequences in one batch, causal or not).
 
 * On a Hopper GPU (``-m gpu``): the kernel against the jnp reference in float32, with
   FlashAttention's tolerance rule (error at most 2x that of the same attention computed in the
@@ -195,12 +197,15 @@ def test_auto_uses_the_gpu_kernel_and_logs_fallbacks(caplog):
     q, kc, vc, table, lens, _ = paged_case(3, 2, 8, 2, 128, 16, (100, 37), jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(lj.paged_attention(q, kc, vc, table, lens)),
                                   np.asarray(lj.paged_attention(q, kc, vc, table, lens, backend="gpu")))
-    cu = jnp.arange(3, dtype=jnp.int32)
+    cu = jnp.asarray([0, 1, 2], jnp.int32)  # the mixed-batch kernel
+    np.testing.assert_array_equal(np.asarray(lj.paged_attention(q, kc, vc, table, lens, cu_seqlens_q=cu)),
+                                  np.asarray(lj.paged_attention(q, kc, vc, table, lens, cu_seqlens_q=cu,
+                                                                backend="gpu")))
+    q32 = q.astype(jnp.float32)
     with caplog.at_level(logging.WARNING, logger="lepton_kernels"):
-        out = lj.paged_attention(q, kc, vc, table, lens, cu_seqlens_q=cu)  # not served: the reference
-    assert "cu_seqlens_q" in caplog.text
-    ref = lj.paged_attention(q, kc, vc, table, lens, cu_seqlens_q=cu, backend="reference")
-    assert max_err(out, ref) == 0.0
+        out = lj.paged_attention(q32, kc.astype(jnp.float32), vc.astype(jnp.float32), table, lens)  # the reference
+    assert "float16/bfloat16" in caplog.text
+    assert not bool(jnp.isnan(out).any())
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,7 +219,6 @@ def _reason(q_shape=(2, 8, 128), cache_shape=(10, 16, 2, 128), dtype=jnp.bfloat1
 
 
 @pytest.mark.parametrize("args,words", [
-    (dict(cu_seqlens_q=S((3,), jnp.int32)), "cu_seqlens_q"),
     (dict(dtype=jnp.float32), "float16/bfloat16"),
     (dict(cache_dtype=jnp.float16), "caches of q's dtype or float8_e4m3fn"),
     (dict(q_shape=(2, 8, 96), cache_shape=(10, 16, 2, 96)), "head dims"),
@@ -240,6 +244,14 @@ def test_gpu_fallback_reasons(args, words):
 def test_gpu_serves_decode_shapes(q_shape, cache_shape, cache_dtype):
     reason = _reason(q_shape, cache_shape, cache_dtype=cache_dtype)
     assert reason is None or reason == _mosaic.bindings_reason() or "CUDA runtime" in reason
+
+
+def test_gpu_serves_mixed_batches():
+    reason = _reason(cu_seqlens_q=S((3,), jnp.int32))
+    assert reason is None or reason == _mosaic.bindings_reason() or "CUDA runtime" in reason
+    empty = gpa.unavailable_reason(S((5, 8, 128), jnp.bfloat16), S((10, 16, 2, 128), jnp.bfloat16),
+                                   S((0, 4), jnp.int32), cu_seqlens_q=S((1,), jnp.int32), check_device=False)
+    assert empty is not None and "empty" in empty
 
 
 def test_explicit_gpu_backend_names_the_reason():
@@ -366,3 +378,195 @@ def test_paged_attention_gpu_lowers_for_cuda(case):
         None, _mosaic.masked_kernel_reason())
     assert "mosaic_gpu" in export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
 
+
+# --------------------------------------------------------------------------------------------
+# Chunked prefill / mixed batches (cu_seqlens_q)
+# --------------------------------------------------------------------------------------------
+
+def mixed_case(seed, hq, hkv, d, block_size, lens, q_lens, dtype, *, fp8=False, pad=1):
+    """paged_case's caches, with packed queries: sequence b's last q_lens[b] positions, ``pad``
+    padding tokens before the first sequence's and after the last's (they get 0)."""
+    _, kc, vc, table, lens, scales = paged_case(seed, len(q_lens), hq, hkv, d, block_size, lens, dtype, fp8=fp8)
+    rng = np.random.default_rng(seed + 100)
+    q = jnp.asarray(rng.standard_normal((sum(q_lens) + 2 * pad, hq, d), np.float32), dtype)
+    cu = jnp.asarray(np.concatenate([[pad], pad + np.cumsum(q_lens)]).astype(np.int32))
+    return q, kc, vc, table, lens, cu, scales
+
+
+def mixed_lowp(q, k_cache, v_cache, table, lens, cu, *, scale, causal, window, softcap, scales):
+    """Mixed-batch attention with every intermediate in q's dtype (the baseline error of the
+    rule), one sequence at a time."""
+    from lepton_kernels.jax.ops.flash_attention import visible
+    from lepton_kernels.jax.ops.paged_attention import gather_pages
+
+    dtype = q.dtype
+    hq, hkv = q.shape[1], k_cache.shape[2]
+    safe = jnp.clip(table, 0, k_cache.shape[0] - 1)
+    k_scale, v_scale = scales or (None, None)
+    keys = jnp.repeat(gather_pages(k_cache, safe, k_scale), hq // hkv, axis=2).astype(dtype)
+    values = jnp.repeat(gather_pages(v_cache, safe, v_scale), hq // hkv, axis=2).astype(dtype)
+    out = jnp.zeros_like(q)
+    cu_np, lens_np = np.asarray(cu), np.asarray(lens)
+    left, right = window
+    for b in range(len(lens_np)):
+        lo, hi = int(cu_np[b]), int(cu_np[b + 1])
+        if hi == lo:
+            continue
+        kpos = jnp.arange(keys.shape[1])
+        mask = visible(jnp.arange(hi - lo)[:, None], kpos[None, :], hi - lo, int(lens_np[b]), causal=causal,
+                       left=left, right=0 if causal else right)
+        s = jnp.einsum("qhd,khd->hqk", q[lo:hi], keys[b], preferred_element_type=dtype) * jnp.asarray(scale, dtype)
+        if softcap:
+            s = jnp.asarray(softcap, dtype) * jnp.tanh(s / jnp.asarray(softcap, dtype))
+        s = jnp.where(mask[None], s, -jnp.inf)
+        p = jnp.nan_to_num(jax.nn.softmax(s, axis=-1))
+        v = jnp.where(mask.any(0)[:, None, None], values[b], jnp.zeros_like(values[b]))
+        out = out.at[lo:hi].set(jnp.einsum("hqk,khd->qhd", p, v, preferred_element_type=dtype))
+    return out
+
+
+MIXED_LENS = ((1000, 1, 300, 128, 50), (1, 1, 37, 128, 0))  # decode, 1 of 1, chunk, full prefill, none
+
+MIXED_CASES = [
+    # Hq, Hkv, D, block_size, (lens, q_lens), dtype, fp8, causal, window, softcap
+    (32, 8, 128, 16, MIXED_LENS, jnp.bfloat16, False, True, (-1, -1), 0.0),  # GQA 32/8
+    (8, 1, 128, 128, MIXED_LENS, jnp.bfloat16, False, True, (-1, -1), 0.0),  # MQA 8/1, page > stage
+    (32, 8, 64, 16, MIXED_LENS, jnp.float16, False, True, (-1, -1), 0.0),  # D 64 (128-key stages)
+    (16, 2, 256, 16, MIXED_LENS, jnp.bfloat16, False, True, (-1, -1), 0.0),  # D 256
+    (16, 2, 256, 128, MIXED_LENS, jnp.float16, False, True, (-1, -1), 0.0),
+    (32, 8, 128, 16, MIXED_LENS, jnp.bfloat16, False, False, (-1, -1), 0.0),  # not causal
+    (8, 1, 64, 128, MIXED_LENS, jnp.float16, False, False, (-1, -1), 0.0),
+    (32, 8, 128, 16, MIXED_LENS, jnp.bfloat16, True, True, (-1, -1), 0.0),  # fp8 caches
+    (8, 2, 256, 128, MIXED_LENS, jnp.float16, True, False, (-1, -1), 0.0),
+    (32, 8, 128, 16, MIXED_LENS, jnp.bfloat16, False, True, (100, -1), 0.0),  # left window
+    (32, 8, 128, 16, MIXED_LENS, jnp.bfloat16, False, False, (50, 20), 30.0),  # two-sided window + softcap
+    (32, 8, 128, 16, MIXED_LENS, jnp.bfloat16, False, True, (-1, -1), 30.0),  # softcap
+    (128, 1, 128, 16, MIXED_LENS, jnp.bfloat16, False, True, (-1, -1), 0.0),  # G = 128: two head tiles
+    (28, 4, 128, 8, MIXED_LENS, jnp.bfloat16, False, True, (-1, -1), 0.0),  # G = 7 (63 rows), pages of 8
+    (4, 2, 128, 256, MIXED_LENS, jnp.bfloat16, False, True, (-1, -1), 0.0),  # page of 4 stages
+    # several 64-row tiles per sequence (the reference gathers [Tq, L, Hkv, D] in f32: ~4 GB each here)
+    (32, 8, 128, 16, ((1024, 900, 400), (200, 300, 400)), jnp.bfloat16, False, True, (-1, -1), 0.0),
+]
+
+
+def _mixed_id(c):
+    hq, hkv, d, bs, (lens, q_lens), dtype, fp8, causal, window, softcap = c
+    name = f"{hq}/{hkv}-D{d}-bs{bs}-L{max(lens)}-Q{sum(q_lens)}-{jnp.dtype(dtype).name}" + ("-fp8" if fp8 else "")
+    name += "" if causal else "-noncausal"
+    return name + (f"-w{window[0]},{window[1]}" if window != (-1, -1) else "") + (f"-cap{softcap:g}" if softcap else "")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", MIXED_CASES, ids=_mixed_id)
+def test_paged_attention_gpu_mixed_batch_matches_reference(case):
+    hq, hkv, d, block_size, (lens, q_lens), dtype, fp8, causal, window, softcap = case
+    require_hopper()
+    q, kc, vc, table, lens, cu, scales = mixed_case(6, hq, hkv, d, block_size, lens, q_lens, dtype, fp8=fp8)
+    scale = d ** -0.5
+    k_scale, v_scale = scales or (None, None)
+    options = dict(cu_seqlens_q=cu, causal=causal, window=window, softcap=softcap, k_scale=k_scale,
+                   v_scale=v_scale, return_lse=True)
+    out, lse = lj.paged_attention(q, kc, vc, table, lens, backend="gpu", **options)
+    ref, ref_lse = lj.paged_attention_reference(q.astype(jnp.float32), kc, vc, table, lens, softmax_scale=scale,
+                                                **options)
+    assert out.dtype == q.dtype and out.shape == q.shape and lse.shape == (hq, q.shape[0])
+    assert not bool(jnp.isnan(out).any()), "NaN in the output"
+    base = max_err(mixed_lowp(q, kc, vc, table, lens, cu, scale=scale, causal=causal, window=window,
+                              softcap=softcap, scales=scales), ref)
+    err = max_err(out, ref)
+    assert err <= 2 * base + 1e-5, f"max error {err:.3g} > 2 x {jnp.dtype(dtype).name} attention's {base:.3g}"
+    assert lse_err(lse, ref_lse) <= 1e-2, f"lse max error {lse_err(lse, ref_lse):.3g}"
+    assert np.all(np.asarray(out)[[0, -1]] == 0) and np.all(np.isneginf(np.asarray(lse)[:, [0, -1]]))
+
+
+def test_prefill_tiles_and_stage_bounds():
+    """Every packed query lands in exactly one tile of its sequence; a tile's stages are those
+    holding a key some row sees, and the unmasked ones those every row sees whole."""
+    q_lens, lens, tokens_per_tile = np.array([1, 0, 37, 16, 17]), np.array([900, 5, 300, 16, 200]), 16
+    cu = np.concatenate([[2], 2 + np.cumsum(q_lens)]).astype(np.int32)
+    num_tiles = -(-int(cu[-1] + 3) // tokens_per_tile) + len(lens)
+    tiles, first_token, _ = (np.asarray(x) for x in gpa.prefill_tiles(
+        jnp.asarray(cu), jnp.asarray(lens, jnp.int32), tokens_per_tile=tokens_per_tile, num_tiles=num_tiles))
+    seen = np.zeros(cu[-1], int)
+    for (seq, pos0, nq), tok in zip(tiles.T, first_token):
+        assert 0 <= nq <= tokens_per_tile
+        for k in range(nq):
+            seen[tok + k] += 1
+            assert cu[seq] <= tok + k < cu[seq + 1] and pos0 + k == lens[seq] - q_lens[seq] + (tok + k - cu[seq])
+    np.testing.assert_array_equal(seen[cu[0]:], 1)
+    block_kv, kv_len = 64, 700
+    for causal, left, right in ((True, -1, -1), (False, -1, -1), (True, 100, -1), (False, 30, 20), (True, 0, -1)):
+        for pos0, nq in ((0, 1), (5, 16), (63, 2), (600, 64), (699, 1), (650, 0), (680, 16)):
+            first, end, mid_lo, mid_hi = (int(x) for x in gpa._prefill_stage_bounds(
+                jnp.int32(pos0), jnp.int32(nq), jnp.int32(kv_len), causal=causal, left=left, right=right,
+                block_kv=block_kv))
+            if nq == 0:
+                assert first == end
+                continue
+            keys = np.arange(-(-kv_len // block_kv) * block_kv)
+            qpos = np.arange(pos0, pos0 + nq)[:, None]
+            reach = 0 if causal else right
+            vis = (keys < kv_len) & ((keys <= qpos + reach) if reach >= 0 else True)
+            vis = vis & ((keys >= qpos - left) if left >= 0 else True)
+            vis = np.broadcast_to(vis, (nq, len(keys))).reshape(nq, -1, block_kv)
+            stages = np.arange(vis.shape[1])
+            np.testing.assert_array_equal((stages >= first) & (stages < end), vis.any(axis=(0, 2)),
+                                          err_msg=str((causal, left, right, pos0, nq)))
+            assert np.all(vis.all(axis=(0, 2))[(stages >= mid_lo) & (stages < mid_hi)])
+            assert first <= mid_lo <= mid_hi <= end
+
+
+MIXED_INTERPRETED = [
+    # Hq, Hkv, D, block_size, lens, q_lens, fp8, causal, window, softcap
+    # (each block costs the interpreter seconds: two or three tiles)
+    # MHA, 64 queries a tile: a 37-query chunk and a decode row; 4 pages per stage, the page
+    # walk past the last page, NaN tails
+    (1, 1, 64, 16, (150, 40), (37, 1), False, True, (-1, -1), 0.0),
+    # fp8 pages, G = 8 (8 queries a tile: two tiles of one sequence), not causal with a
+    # two-sided window and softcap
+    (8, 1, 64, 32, (300,), (12,), True, False, (40, 3), 5.0),
+]
+
+
+@pytest.mark.parametrize("case", MIXED_INTERPRETED, ids=lambda c: f"{c[0]}/{c[1]}-bs{c[3]}-Q{sum(c[5])}"
+                         + ("-fp8" if c[6] else ""))
+def test_paged_prefill_gpu_interpreted(case):
+    """The mixed-batch kernel in the interpreter: tiles of one sequence, masks by position,
+    the tile tables and the pre/post passes."""
+    require_interpreter()
+    hq, hkv, d, block_size, lens, q_lens, fp8, causal, window, softcap = case
+    q, kc, vc, table, lens, cu, scales = mixed_case(7, hq, hkv, d, block_size, lens, q_lens, jnp.float16, fp8=fp8,
+                                                    pad=len(lens) - 1)
+    k_scale, v_scale = scales or (None, None)
+    config = gpa.GpuPagedConfig(block_kv=64, num_stages=2)
+    out, lse = gpa.paged_prefill_gpu(q, kc, vc, table, lens, cu, k_scale, v_scale, scale=d ** -0.5, causal=causal,
+                                     window=window, softcap=softcap, return_lse=True, config=config,
+                                     interpret=_mosaic.interpret_params())
+    ref, ref_lse = lj.paged_attention_reference(q.astype(jnp.float32), kc, vc, table, lens, cu_seqlens_q=cu,
+                                                softmax_scale=d ** -0.5, causal=causal, window=window,
+                                                softcap=softcap, k_scale=k_scale, v_scale=v_scale, return_lse=True)
+    assert not bool(jnp.isnan(out).any())
+    assert max_err(out, ref) <= 2e-3 and lse_err(lse, ref_lse) <= 1e-4
+
+
+@pytest.mark.parametrize("case", [(64, 16, 32, jnp.bfloat16), (128, 128, 8, jnp.bfloat16), (256, 16, 32, FP8),
+                                  (128, 8, 128, jnp.bfloat16), (256, 16, 56, jnp.bfloat16)],
+                         ids=lambda c: f"D{c[0]}-bs{c[1]}-Hq{c[2]}-{jnp.dtype(c[3]).name}")
+def test_paged_prefill_gpu_lowers_for_cuda(case):
+    if _mosaic.bindings_reason() is not None:
+        pytest.skip(_mosaic.bindings_reason())
+    head_dim, block_size, hq, cache_dtype = case
+    fp8 = cache_dtype == FP8
+    hkv = 1 if hq in (8, 128) else 8
+    cache = S((50, block_size, hkv, head_dim), cache_dtype)
+    args = [S((300, hq, head_dim), jnp.bfloat16), cache, cache, S((3, 4096 // block_size), jnp.int32),
+            S((3,), jnp.int32), S((4,), jnp.int32)]
+    if fp8:
+        args += [S((hkv,), jnp.float32), S((hkv,), jnp.float32)]
+
+    def f(q, k, v, table, lens, cu, *scales):  # fp8: non-causal, window, softcap; 16-bit: causal, window
+        return gpa.paged_prefill_gpu(q, k, v, table, lens, cu, *scales, scale=0.1, causal=not fp8,
+                                     window=(-1, 50) if fp8 else (100, -1), softcap=5.0 if fp8 else 0.0,
+                                     return_lse=True)
+
+    assert "mosaic_gpu" in export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()

@@ -11,11 +11,15 @@ Kernel outline (one CUDA block per ``(batch, q tile, q head)``, three warpgroups
   A shared "schedule" barrier staggers the two consumers by half a step, so that one runs
   its softmax while the other keeps the tensor cores busy (FlashAttention-3's ping-pong).
 
-Causal masking is bottom-right aligned (query ``i`` sees keys ``j <= i + Sk - Sq``). Each
-consumer computes only the KV blocks its rows can see and masks only the blocks that cross
-the diagonal (or the end of the keys); q tiles run heaviest first. The consumer with fewer
-visible blocks keeps releasing slots and meeting the schedule barrier until the other one is
-done, so the producer and the barrier counts stay in step.
+Masking is bottom-right aligned, per sequence: with ``kv_lens[b]`` keys (default Sk), query
+``i`` sits at key ``i + kv_lens[b] - Sq`` and a ``(left, right)`` window (causal: right 0)
+around it is visible. All three warpgroups derive the block's KV block range from the same
+rows, so the producer loads exactly the blocks that the two consumers step through. Each
+consumer computes only the KV blocks its rows can see, masks only those some row sees in part
+(window edges, the diagonal, the end of the keys), and releases the others (keeping the
+producer and the barrier counts in step); causal q tiles run heaviest first. A row that sees
+no key gets 0 and lse -inf. ``softcap`` c turns the base-2 scores into
+``tanh(s * scale / c) * c * log2(e)``.
 
 Sequences that are not multiples of the tile sizes are zero-padded on the host (q to
 ``2*block_q`` rows, k/v to ``block_kv`` keys; padded keys are masked) and the output sliced.
@@ -84,11 +88,6 @@ def unavailable_reason(q, k, *, causal: bool, window, softcap: float, scale: flo
     """None when :func:`flash_attention_gpu` serves this call, else a sentence saying why not."""
     if varlen:
         return "varlen (cu_seqlens_q/k) is not served by the Mosaic GPU kernel yet"
-    if kv_lens is not None:
-        return "kv_lens is not served by the Mosaic GPU kernel yet"
-    left, right = window
-    if left != -1 or (right != -1 and not causal) or softcap:  # causal is window (-1, 0)
-        return "sliding windows and softcap are not served by the Mosaic GPU kernel yet"
     if jnp.dtype(q.dtype) not in DTYPES:
         return f"the Mosaic GPU kernel takes float16/bfloat16 (wgmma), got {jnp.dtype(q.dtype).name}"
     if q.shape[-1] not in HEAD_DIMS:
@@ -96,19 +95,63 @@ def unavailable_reason(q, k, *, causal: bool, window, softcap: float, scale: flo
     sq, sk = q.shape[1], k.shape[1]
     if sq == 0 or sk == 0 or q.shape[0] == 0:
         return "empty sequence or batch"
-    if causal and sq > sk:
-        return f"causal with Sq ({sq}) > Sk ({sk}) leaves rows that see no key"
     if scale <= 0:
         return f"the Mosaic GPU kernel needs softmax_scale > 0, got {scale}"
     reason = _mosaic.device_reason() if check_device else _mosaic.bindings_reason()
-    if reason is None and (causal or sk % DEFAULT_CONFIGS[q.shape[-1]].block_kv):
+    block_kv = DEFAULT_CONFIGS[q.shape[-1]].block_kv
+    if reason is None and _needs_mask(sk, block_kv, causal=causal, window=window, has_kv_lens=kv_lens is not None):
         reason = _mosaic.masked_kernel_reason()
     return reason
 
 
-def _attention_kernel(q_ref, k_ref, v_ref, *refs, plgpu, scale, causal, sq, sk, group, block_q, block_kv,
-                      num_stages, num_q_tiles, has_lse, compiled):
+def _needs_mask(sk, block_kv, *, causal, window, has_kv_lens) -> bool:
+    """Whether some KV block can be partly visible to a row (else the kernel has no mask code)."""
+    return causal or tuple(window) != (-1, -1) or has_kv_lens or sk % block_kv != 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """Which keys rows see: bottom-right aligned (query ``i`` sits at key ``i + kv_len - sq``),
+    ``left``/``right`` window sizes (-1 = unbounded; causal is ``right = 0``)."""
+
+    sq: int
+    left: int
+    right: int
+    block_kv: int
+
+    def key_span(self, r0, r1, kv_len):
+        """For rows ``[r0, r1]`` (real rows only): keys some row sees ``[lo, hi]`` and keys every
+        row sees ``[all_lo, all_hi]``; ``hi < lo`` when none."""
+        off = kv_len - self.sq
+        hi = all_hi = kv_len - 1
+        lo = all_lo = jnp.int32(0)
+        if self.right >= 0:
+            hi = jnp.minimum(hi, r1 + off + self.right)
+            all_hi = jnp.minimum(all_hi, r0 + off + self.right)
+        if self.left >= 0:
+            lo = jnp.maximum(lo, r0 + off - self.left)
+            all_lo = jnp.maximum(all_lo, r1 + off - self.left)
+        hi = jnp.where(r1 >= r0, hi, -1)
+        return lo, hi, all_lo, all_hi
+
+    def blocks(self, r0, r1, kv_len):
+        """KV blocks ``[first, end)`` holding a key some row of ``[r0, r1]`` sees, and the blocks
+        ``[full_first, full_end)`` whose every key every row sees (possibly empty, unclamped)."""
+        bkv = jnp.int32(self.block_kv)
+        lo, hi, all_lo, all_hi = self.key_span(r0, r1, kv_len)
+        # Operands of the divisions are >= 0, so truncating division is floor division.
+        first = lax.div(lo, bkv)
+        end = jnp.where(hi >= lo, lax.div(jnp.maximum(hi, 0), bkv) + 1, first)
+        full_first = lax.div(all_lo + (bkv - 1), bkv)
+        full_end = lax.div(jnp.maximum(all_hi + 1, 0), bkv)
+        return first, end, full_first, full_end
+
+
+def _attention_kernel(q_ref, k_ref, v_ref, *refs, plgpu, scale, softcap, causal, geometry, sk, has_kv_lens,
+                      group, block_q, block_kv, num_stages, num_q_tiles, has_lse, masked_kernel, compiled):
     """One block: ``CONSUMERS*block_q`` query rows of one q head against all visible keys."""
+    if has_kv_lens:
+        kv_lens_ref, *refs = refs
     if has_lse:
         out_ref, lse_ref, *scratch = refs
     else:
@@ -116,8 +159,7 @@ def _attention_kernel(q_ref, k_ref, v_ref, *refs, plgpu, scale, causal, sq, sk, 
     qo_smem, k_smem, v_smem, lse_smem, q_ready, k_ready, v_ready, k_free, v_free, schedule = scratch
     dtype = q_ref.dtype
     head_dim = q_ref.shape[-1]
-    num_kv_blocks = pl.cdiv(sk, block_kv)
-    offset = sk - sq  # bottom-right alignment: query i sits at key position i + offset
+    sq = geometry.sq
     bkv = jnp.int32(block_kv)
 
     batch = lax.axis_index("batch")
@@ -127,14 +169,13 @@ def _attention_kernel(q_ref, k_ref, v_ref, *refs, plgpu, scale, causal, sq, sk, 
     if causal:  # the tiles with the most visible keys go first
         tile = num_q_tiles - 1 - tile
     tile_base = tile * (CONSUMERS * block_q)
+    kv_len = jnp.clip(kv_lens_ref[batch], 0, sk) if has_kv_lens else jnp.int32(sk)
 
-    def visible_blocks(last_row):
-        """KV blocks holding some key that query row ``last_row`` (or an earlier one) sees."""
-        if not causal:
-            return num_kv_blocks
-        return jnp.minimum(lax.div(last_row + offset, bkv) + 1, num_kv_blocks)
-
-    block_steps = visible_blocks(tile_base + CONSUMERS * block_q - 1)
+    # The block's KV blocks [tile_first, tile_first + tile_steps): every warpgroup agrees on
+    # them (the producer loads them all; each consumer computes or releases every one).
+    tile_first, tile_end, _, _ = geometry.blocks(tile_base, jnp.minimum(tile_base + CONSUMERS * block_q, sq) - 1,
+                                                 kv_len)
+    tile_steps = tile_end - tile_first
 
     def layout(x, kind):  # register layouts only matter to the compiler; the interpreter lacks them
         return plgpu.layout_cast(x, kind) if compiled else x
@@ -155,16 +196,32 @@ def _attention_kernel(q_ref, k_ref, v_ref, *refs, plgpu, scale, causal, sq, sk, 
         plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_base, block_q), head], q_smem, q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
 
-        steps = visible_blocks(q_base + block_q - 1)
-        if causal:  # blocks whose every key every row sees need no mask
-            unmasked = jnp.minimum(lax.div(q_base + offset + 1, bkv), sk // block_kv)
-        else:
-            unmasked = sk // block_kv
+        # This consumer computes blocks [first, end) of the tile's, masking all but
+        # [full_first, full_end), and releases the others.
+        first, end, full_first, full_end = geometry.blocks(q_base, jnp.minimum(q_base + block_q, sq) - 1, kv_len)
+        first = jnp.clip(first, tile_first, tile_end)
+        end = jnp.clip(end, first, tile_end)
+        full_first = jnp.clip(full_first, first, end)
+        full_end = jnp.clip(full_end, full_first, end)
+        diag = q_base + (kv_len - sq)  # the key position of this consumer's row 0
+        if softcap:  # scores in base 2: tanh(s * pre) * post
+            pre, post = scale / softcap, softcap * LOG2E
         coef = scale * LOG2E
+
+        def zero_v_tail(v_tile, key0):
+            """Zero the V rows at or past kv_len of the block that holds the end of the keys:
+            NaN there would survive P = 0. Both consumers may write the same zeros; each does
+            so before its own wgmma reads the tile, and before it frees the slot."""
+            @pl.when(key0 + bkv > kv_len)
+            def _():
+                v = v_tile[...]
+                v_tile[...] = jnp.where(iota(v.shape, 0) < kv_len - key0, v, jnp.zeros_like(v))
+                plgpu.commit_smem()  # the wgmma reads the tile through the async proxy
 
         def step(i, carry, *, masked):
             acc, m, l = carry
-            slot = lax.rem(i, jnp.int32(num_stages))
+            slot = lax.rem(i - tile_first, jnp.int32(num_stages))
+            key0 = i * bkv
             plgpu.barrier_wait(k_ready.at[slot])
 
             def qk(acc_ref):
@@ -179,22 +236,33 @@ def _attention_kernel(q_ref, k_ref, v_ref, *refs, plgpu, scale, causal, sq, sk, 
                                     preferred_element_type=jnp.float32)
                 rendezvous()
             plgpu.barrier_arrive(k_free.at[slot])
-            if masked:
-                rows = iota(s.shape, 0)
-                cols = iota(s.shape, 1) + i * bkv
-                ok = cols < sk
-                if causal:
-                    ok = ok & (cols <= rows + (q_base + offset))
+            if softcap:
+                s = jnp.tanh(s * pre) * post
+            if masked:  # in block coordinates: column c is key i*block_kv + c, row r query q_base + r
+                cols = iota(s.shape, 1)
+                ok = cols < kv_len - key0
+                if geometry.right >= 0 or geometry.left >= 0:
+                    rel = cols - iota(s.shape, 0)  # key minus the row's diagonal, less diag - key0
+                    if geometry.right >= 0:
+                        ok = ok & (rel <= diag - key0 + geometry.right)
+                    if geometry.left >= 0:
+                        ok = ok & (rel >= diag - key0 - geometry.left)
                 s = jnp.where(ok, s, -jnp.inf)
-            # Key 0 is visible to every row (Sq <= Sk when causal), so m is finite from step 0.
-            m_new = jnp.maximum(m, s.max(axis=1) * coef)
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s * coef - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            row_max = s.max(axis=1) if softcap else s.max(axis=1) * coef
+            m_new = jnp.maximum(m, row_max)
+            # Unmasked blocks give every row a finite score; a masked one may leave a row with
+            # no visible key yet (m = -inf), whose exponentials must come out 0, not NaN.
+            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+            alpha = jnp.exp2(m - m_use)
+            m_rows = lax.broadcast_in_dim(m_use, s.shape, [0])
+            p = jnp.exp2(s - m_rows) if softcap else jnp.exp2(s * coef - m_rows)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             l = l * alpha + p.sum(axis=1)
             p16 = p.astype(dtype)
             plgpu.barrier_arrive(schedule)  # softmax done
             plgpu.barrier_wait(v_ready.at[slot])
+            if masked and has_kv_lens:
+                zero_v_tail(v_smem.at[slot], key0)
             plgpu.barrier_wait(schedule)  # the tensor cores are ours again
 
             def pv(acc_ref):
@@ -213,7 +281,7 @@ def _attention_kernel(q_ref, k_ref, v_ref, *refs, plgpu, scale, causal, sq, sk, 
 
             Waiting for its copies (which the other consumer waits for anyway) keeps every
             barrier phase observed by every thread that uses the barrier."""
-            slot = lax.rem(i, jnp.int32(num_stages))
+            slot = lax.rem(i - tile_first, jnp.int32(num_stages))
             plgpu.barrier_wait(k_ready.at[slot])
             plgpu.barrier_arrive(k_free.at[slot])
             plgpu.barrier_wait(v_ready.at[slot])
@@ -228,18 +296,24 @@ def _attention_kernel(q_ref, k_ref, v_ref, *refs, plgpu, scale, causal, sq, sk, 
             layout(jnp.full((block_q,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
         )
         pl.when(wg == 1)(rendezvous)  # consumer 1 starts half a step behind
-        carry = lax.fori_loop(0, unmasked, functools.partial(step, masked=False), carry)
-        if causal or sk % block_kv:
-            carry = lax.fori_loop(unmasked, steps, functools.partial(step, masked=True), carry)
-        if causal:
-            lax.fori_loop(steps, block_steps, release, None)
+        if masked_kernel:
+            if geometry.left >= 0:  # without a left window, every row sees key 0 or no key
+                lax.fori_loop(tile_first, first, release, None)
+                carry = lax.fori_loop(first, full_first, functools.partial(step, masked=True), carry)
+            carry = lax.fori_loop(full_first, full_end, functools.partial(step, masked=False), carry)
+            carry = lax.fori_loop(full_end, end, functools.partial(step, masked=True), carry)
+            lax.fori_loop(end, tile_end, release, None)
+        else:  # every block is fully visible to every row
+            carry = lax.fori_loop(tile_first, tile_end, functools.partial(step, masked=False), carry)
         pl.when(wg == 0)(rendezvous)
         acc, m, l = carry
 
-        inv_l = 1.0 / l
+        seen = l > 0.0  # rows that see no key get 0 and lse -inf
+        inv_l = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0) if masked_kernel else 1.0 / l
         q_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
         if has_lse:
-            lse_smem.at[wg][...] = m * LN2 + jnp.log(l)
+            lse = m * LN2 + jnp.log(l)
+            lse_smem.at[wg][...] = jnp.where(seen, lse, -jnp.inf) if masked_kernel else lse
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, pl.ds(q_base, block_q), head])
         if has_lse:
@@ -253,26 +327,26 @@ def _attention_kernel(q_ref, k_ref, v_ref, *refs, plgpu, scale, causal, sq, sk, 
         kv_head = lax.div(head, jnp.int32(group))
 
         def load(i, slot):
-            rows = (batch, pl.ds(i * block_kv, block_kv), kv_head)
+            rows = (batch, pl.ds((tile_first + i) * block_kv, block_kv), kv_head)
             plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
 
         for i in range(num_stages):
-            if causal:  # an unconsumed copy would still be landing when the block exits
-                pl.when(i < block_steps)(functools.partial(load, i, i))
+            if masked_kernel:  # an unconsumed copy would still be landing when the block exits
+                pl.when(i < tile_steps)(functools.partial(load, i, i))
             else:
                 load(i, i)
 
-        @pl.loop(num_stages, block_steps)
+        @pl.loop(num_stages, tile_steps)
         def _refill(i):
             slot = lax.rem(i, jnp.int32(num_stages))
-            rows = (batch, pl.ds(i * block_kv, block_kv), kv_head)
+            rows = (batch, pl.ds((tile_first + i) * block_kv, block_kv), kv_head)
             plgpu.barrier_wait(k_free.at[slot])
             plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
             plgpu.barrier_wait(v_free.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
 
-        @pl.loop(jnp.maximum(block_steps - num_stages, 0) if causal else block_steps - num_stages, block_steps)
+        @pl.loop(jnp.maximum(tile_steps - num_stages, 0), tile_steps)
         def _drain(i):  # wait for the last releases too: no barrier phase goes unobserved
             slot = lax.rem(i, jnp.int32(num_stages))
             plgpu.barrier_wait(k_free.at[slot])
@@ -285,18 +359,24 @@ def _pad_seq(x, length):
     return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
 
 
-def flash_attention_gpu(q, k, v, *, scale: float, causal: bool, return_lse: bool,
-                        config: Optional[GpuFlashConfig] = None, interpret=None):
+def flash_attention_gpu(q, k, v, kv_lens=None, *, scale: float, causal: bool, return_lse: bool,
+                        window=(-1, -1), softcap: float = 0.0, config: Optional[GpuFlashConfig] = None,
+                        interpret=None):
     """q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]`` (float16/bfloat16) -> out (and lse ``[B, Hq, Sq]``).
 
-    The caller checks :func:`unavailable_reason` first; this only traces the kernel.
-    ``interpret``: Pallas' Mosaic GPU interpreter parameters, to run on a CPU (slow; tests).
+    ``kv_lens`` (int32 ``[B]`` or None), ``window`` and ``softcap`` as
+    :func:`~lepton_kernels.jax.flash_attention`. The caller checks :func:`unavailable_reason`
+    first; this only traces the kernel. ``interpret``: Pallas' Mosaic GPU interpreter
+    parameters, to run on a CPU (slow; tests).
     """
     plgpu = _mosaic.plgpu()
     batch, sq, hq, head_dim = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     config = config or DEFAULT_CONFIGS[head_dim]
     block_q, block_kv = config.block_q, config.block_kv
+    left, right = window
+    right = 0 if causal else right
+    causal = right == 0
     rows_per_block = CONSUMERS * block_q
     num_q_tiles = pl.cdiv(sq, rows_per_block)
     num_kv_blocks = pl.cdiv(sk, block_kv)
@@ -305,7 +385,9 @@ def flash_attention_gpu(q, k, v, *, scale: float, causal: bool, return_lse: bool
         raise ValueError(f"{config} needs {config.smem_bytes(head_dim)} bytes of shared memory at D={head_dim}; "
                          f"the limit is {SMEM_BYTES}")
     sq_pad, sk_pad = num_q_tiles * rows_per_block, num_kv_blocks * block_kv
-    qp, kp, vp = _pad_seq(q, sq_pad), _pad_seq(k, sk_pad), _pad_seq(v, sk_pad)
+    inputs = [_pad_seq(q, sq_pad), _pad_seq(k, sk_pad), _pad_seq(v, sk_pad)]
+    if kv_lens is not None:
+        inputs.append(kv_lens.astype(jnp.int32))
 
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     smem = lambda shape: plgpu.SMEM(shape, q.dtype, transforms=tiles)  # noqa: E731
@@ -325,8 +407,12 @@ def flash_attention_gpu(q, k, v, *, scale: float, causal: bool, return_lse: bool
     if return_lse:
         out_type.append(jax.ShapeDtypeStruct((batch, hq, sq_pad), jnp.float32))
     body = functools.partial(
-        _attention_kernel, plgpu=plgpu, scale=scale, causal=causal, sq=sq, sk=sk, group=hq // hkv,
-        block_q=block_q, block_kv=block_kv, num_stages=num_stages, num_q_tiles=num_q_tiles, has_lse=return_lse,
+        _attention_kernel, plgpu=plgpu, scale=scale, softcap=softcap, causal=causal,
+        geometry=_Geometry(sq=sq, left=left, right=right, block_kv=block_kv), sk=sk,
+        has_kv_lens=kv_lens is not None, group=hq // hkv, block_q=block_q, block_kv=block_kv,
+        num_stages=num_stages, num_q_tiles=num_q_tiles, has_lse=return_lse,
+        masked_kernel=_needs_mask(sk, block_kv, causal=causal, window=(left, right),
+                                  has_kv_lens=kv_lens is not None),
         compiled=interpret is None)
     results = plgpu.kernel(
         body,
@@ -338,7 +424,7 @@ def flash_attention_gpu(q, k, v, *, scale: float, causal: bool, return_lse: bool
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **({} if interpret is None else dict(interpret=interpret)),
-    )(qp, kp, vp)
+    )(*inputs)
     out = results[0][:, :sq]
     if return_lse:
         return out, results[1][:, :, :sq]

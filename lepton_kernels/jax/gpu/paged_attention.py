@@ -1,4 +1,9 @@
-"""``paged_attention`` decode for Hopper GPUs: a Pallas Mosaic GPU kernel and its wrapper.
+"""``paged_attention`` for Hopper GPUs: Pallas Mosaic GPU kernels for decode and for chunked
+prefill / mixed batches (``cu_seqlens_q``), and their wrappers.
+
+The decode kernel is described here; the mixed-batch kernel (:func:`paged_prefill_gpu`) shares
+its pipeline (producer warpgroup, page walk, fp8 widening, V-tail zeroing) over tiles of 64
+(query, head) rows of one sequence, without split-KV.
 
 Kernel outline (one CUDA block per ``(batch, KV split, kv head)``, two warpgroups):
 
@@ -117,8 +122,6 @@ def default_config(head_dim: int, cache_dtype) -> GpuPagedConfig:
 def unavailable_reason(q, k_cache, block_table, *, cu_seqlens_q=None, config: Optional[GpuPagedConfig] = None,
                        check_device: bool = True) -> Optional[str]:
     """None when :func:`paged_attention_gpu` serves this call, else a sentence saying why not."""
-    if cu_seqlens_q is not None:
-        return "chunked prefill / mixed batches (cu_seqlens_q) are not served by the Mosaic GPU paged kernel yet"
     dtype, cache_dtype = jnp.dtype(q.dtype), jnp.dtype(k_cache.dtype)
     if dtype not in DTYPES:
         return f"the Mosaic GPU paged kernel takes float16/bfloat16 queries (wgmma), got {dtype.name}"
@@ -137,7 +140,7 @@ def unavailable_reason(q, k_cache, block_table, *, cu_seqlens_q=None, config: Op
     if block_size % 8 or (block_kv % block_size and block_size % block_kv):
         return (f"the Mosaic GPU paged kernel needs a cache block size that is a multiple of 8 and divides "
                 f"{block_kv} or is a multiple of it (TMA boxes land on 8-row tiles), got {block_size}")
-    if q.shape[0] == 0 or num_heads == 0 or block_table.shape[1] == 0:
+    if q.shape[0] == 0 or num_heads == 0 or block_table.shape[0] == 0 or block_table.shape[1] == 0:
         return "empty batch, heads or block table"
     smem = config.smem_bytes(head_dim, cache_dtype.itemsize, dtype.itemsize)
     if smem > SMEM_BYTES:
@@ -194,6 +197,154 @@ def _stage_range(seq_len, split, *, left, capacity, block_kv, num_splits):
     return start, jnp.clip(end - start, 0, per_split), kv_len, lo
 
 
+def _empty_state(plgpu, layout, head_dim):
+    """The online softmax's starting (acc, m, l) in the wgmma register layouts."""
+    return (
+        layout(jnp.full((ROWS, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA),
+        layout(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+        layout(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+    )
+
+
+def _finish(m, l, v_scale):
+    """1 / l (times the fp8 V scale) and the natural-log lse; rows that saw no key: 0 and -inf."""
+    valid = l > 0.0
+    inv_l = jnp.where(valid, 1.0 / jnp.where(valid, l, 1.0), 0.0)
+    if v_scale is not None:
+        inv_l = inv_l * v_scale
+    return inv_l, jnp.where(valid, m * LN2 + jnp.log(jnp.where(valid, l, 1.0)), -jnp.inf)
+
+
+def _stage_step(*, plgpu, compiled, iota, dtype, fp8, block_kv, num_stages, kv_len, pre, post, softcap,
+                q_smem, k_smem, v_smem, k_wide, v_wide, k_ready, v_ready, k_free, v_free, first_stage, mask,
+                guard_empty_rows):
+    """The consumer's work on one KV stage, shared by the decode and prefill kernels:
+    ``step(i, (acc, m, l), masked=...)`` folds stage ``first_stage + i`` into the online softmax.
+
+    ``mask(s, stage)`` hides the keys some rows of a masked stage must not see (scores in base 2);
+    ``guard_empty_rows``: a row may have seen no key yet (m = -inf), whose exponentials must stay
+    0, not NaN. fp8 slots are widened to q's dtype in shared memory first (exact; bfloat16 via
+    f16 and f32, as Hopper converts e4m3 to f16 only).
+    """
+    bkv = jnp.int32(block_kv)
+
+    def widen(src, dst, stage, *, zero_tail):
+        x = src[...].astype(jnp.float16)
+        if dtype != jnp.float16:
+            x = x.astype(jnp.float32)
+        if zero_tail:
+            x = jnp.where(iota(x.shape, 0) + stage * bkv < kv_len, x, 0.0)
+        dst[...] = x.astype(dtype)
+        plgpu.commit_smem()
+
+    def zero_v_tail(v_tile, stage):
+        """Zero V rows at or past kv_len in place: NaN there would survive P = 0."""
+        @pl.when((stage + 1) * bkv > kv_len)
+        def _():
+            v = v_tile[...]
+            v_tile[...] = jnp.where(iota(v.shape, 0) + stage * bkv < kv_len, v, jnp.zeros_like(v))
+            plgpu.commit_smem()
+
+    def step(i, carry, *, masked):
+        acc, m, l = carry
+        slot = lax.rem(i, jnp.int32(num_stages))
+        stage = first_stage + i
+        plgpu.barrier_wait(k_ready.at[slot])
+        if fp8:
+            widen(k_smem.at[slot], k_wide, stage, zero_tail=False)
+            plgpu.barrier_arrive(k_free.at[slot])
+            k_tile = k_wide
+        else:
+            k_tile = k_smem.at[slot]
+
+        def qk(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_tile, (1, 0)))
+            return acc_ref[...]
+
+        if compiled:
+            s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32))
+        else:  # the interpreter cannot transpose a wgmma operand
+            s = lax.dot_general(q_smem[...], k_tile[...], (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+        if not fp8:
+            plgpu.barrier_arrive(k_free.at[slot])
+        s = jnp.tanh(s * pre) * post if softcap else s * pre
+        if masked:
+            s = mask(s, stage)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        if masked and guard_empty_rows:
+            m_new = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        l = l * alpha + p.sum(axis=1)
+        p16 = p.astype(dtype)
+        plgpu.barrier_wait(v_ready.at[slot])
+        if fp8:
+            widen(v_smem.at[slot], v_wide, stage, zero_tail=masked)
+            plgpu.barrier_arrive(v_free.at[slot])
+            v_tile = v_wide
+        else:
+            v_tile = v_smem.at[slot]
+            if masked:
+                zero_v_tail(v_tile, stage)
+
+        def pv(acc_ref):
+            plgpu.wgmma(acc_ref, p16, v_tile)
+
+        if compiled:
+            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        else:  # the interpreter has no run_state nor register wgmma operands
+            acc = acc + lax.dot_general(p16, v_tile[...], (((1,), (0,)), ((), ())),
+                                        preferred_element_type=jnp.float32)
+        if not fp8:
+            plgpu.barrier_arrive(v_free.at[slot])
+        return acc, m_new, l
+
+    return step
+
+
+def _produce_stages(*, plgpu, page_of, kv_len, kv_head, block_size, block_kv, num_stages, first_stage, steps,
+                    k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free):
+    """The producer warpgroup of both kernels: stages ``first_stage .. + steps`` of one sequence
+    (``page_of(j)``: its block-table entry j, a scalar read from global memory) TMA-copied page by page into the K/V rings, each slot
+    refilled once the consumer released it, then the last releases waited for (every barrier
+    phase observed)."""
+    bkv = jnp.int32(block_kv)
+    num_pages = lax.div(kv_len + jnp.int32(block_size - 1), jnp.int32(block_size))
+
+    def pieces(stage):
+        """(page, rows of the page, destination rows of the slot) of each copy of a stage."""
+        if block_size >= block_kv:  # a stage is a row range of one page
+            first_key = stage * bkv
+            page = page_of(lax.div(first_key, jnp.int32(block_size)))
+            return [(page, pl.ds(lax.rem(first_key, jnp.int32(block_size)), block_kv), slice(None))]
+        per_stage = block_kv // block_size
+        # Pages past the sequence's last re-read the last one (their table entries may be
+        # anything); those keys are masked and their V rows zeroed.
+        return [(page_of(jnp.minimum(stage * per_stage + j, num_pages - 1)), slice(None),
+                 pl.ds(j * block_size, block_size)) for j in range(per_stage)]
+
+    def issue(cache, ring, ready, slot, parts):
+        for page, src_rows, dst_rows in parts:
+            plgpu.copy_gmem_to_smem(cache.at[page, src_rows, kv_head], ring.at[slot, dst_rows], ready.at[slot])
+
+    @pl.loop(0, steps)
+    def _fill(i):
+        slot = lax.rem(i, jnp.int32(num_stages))
+        parts = pieces(first_stage + i)  # the page numbers load before the waits
+        pl.when(i >= num_stages)(lambda: plgpu.barrier_wait(k_free.at[slot]))
+        issue(k_ref, k_smem, k_ready, slot, parts)
+        pl.when(i >= num_stages)(lambda: plgpu.barrier_wait(v_free.at[slot]))
+        issue(v_ref, v_smem, v_ready, slot, parts)
+
+    @pl.loop(jnp.maximum(steps - num_stages, 0), steps)
+    def _drain(i):
+        slot = lax.rem(i, jnp.int32(num_stages))
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+
+
 def _paged_decode_kernel(q_ref, k_ref, v_ref, table_ref, lens_ref, *refs, plgpu, scale, softcap, left, group,
                          rows, head_tiles, block_size, block_kv, num_stages, num_splits, fp8, compiled):
     if fp8:
@@ -236,98 +387,27 @@ def _paged_decode_kernel(q_ref, k_ref, v_ref, table_ref, lens_ref, *refs, plgpu,
         post = softcap * LOG2E
         cols0 = iota((ROWS, block_kv), 1)
 
-        def widen(src, dst, stage, *, zero_tail):
-            """fp8 slot -> a tile of q's dtype (exact; bfloat16 via f16 and f32, as Hopper converts
-            e4m3 to f16 only), optionally with the rows at or past kv_len zeroed."""
-            x = src[...].astype(jnp.float16)
-            if dtype != jnp.float16:
-                x = x.astype(jnp.float32)
-            if zero_tail:
-                x = jnp.where(iota(x.shape, 0) + stage * bkv < kv_len, x, 0.0)
-            dst[...] = x.astype(dtype)
-            plgpu.commit_smem()
+        def mask(s, stage):
+            cols = cols0 + stage * bkv
+            return jnp.where((cols < kv_len) & (cols >= lo), s, -jnp.inf)
 
-        def zero_v_tail(v_tile, stage):
-            """Zero V rows at or past kv_len in place: NaN there would survive P = 0."""
-            @pl.when((stage + 1) * bkv > kv_len)
-            def _():
-                v = v_tile[...]
-                v_tile[...] = jnp.where(iota(v.shape, 0) + stage * bkv < kv_len, v, jnp.zeros_like(v))
-                plgpu.commit_smem()
+        # Every stage holds a visible key, so m is finite from the first one on.
+        step = _stage_step(plgpu=plgpu, compiled=compiled, iota=iota, dtype=dtype, fp8=fp8, block_kv=block_kv,
+                           num_stages=num_stages, kv_len=kv_len, pre=pre, post=post, softcap=softcap,
+                           q_smem=q_smem, k_smem=k_smem, v_smem=v_smem, k_wide=k_wide, v_wide=v_wide,
+                           k_ready=k_ready, v_ready=v_ready, k_free=k_free, v_free=v_free, first_stage=start,
+                           mask=mask, guard_empty_rows=False)
 
-        def step(i, carry, *, masked):
-            acc, m, l = carry
-            slot = lax.rem(i, jnp.int32(num_stages))
-            stage = start + i
-            plgpu.barrier_wait(k_ready.at[slot])
-            if fp8:
-                widen(k_smem.at[slot], k_wide, stage, zero_tail=False)
-                plgpu.barrier_arrive(k_free.at[slot])
-                k_tile = k_wide
-            else:
-                k_tile = k_smem.at[slot]
-
-            def qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_tile, (1, 0)))
-                return acc_ref[...]
-
-            if compiled:
-                s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32))
-            else:  # the interpreter cannot transpose a wgmma operand
-                s = lax.dot_general(q_smem[...], k_tile[...], (((1,), (1,)), ((), ())),
-                                    preferred_element_type=jnp.float32)
-            if not fp8:
-                plgpu.barrier_arrive(k_free.at[slot])
-            s = jnp.tanh(s * pre) * post if softcap else s * pre
-            if masked:
-                cols = cols0 + stage * bkv
-                s = jnp.where((cols < kv_len) & (cols >= lo), s, -jnp.inf)
-            # Every stage holds a visible key, so m is finite from the first one on.
-            m_new = jnp.maximum(m, s.max(axis=1))
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            l = l * alpha + p.sum(axis=1)
-            p16 = p.astype(dtype)
-            plgpu.barrier_wait(v_ready.at[slot])
-            if fp8:
-                widen(v_smem.at[slot], v_wide, stage, zero_tail=masked)
-                plgpu.barrier_arrive(v_free.at[slot])
-                v_tile = v_wide
-            else:
-                v_tile = v_smem.at[slot]
-                if masked:
-                    zero_v_tail(v_tile, stage)
-
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p16, v_tile)
-
-            if compiled:
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-            else:  # the interpreter has no run_state nor register wgmma operands
-                acc = acc + lax.dot_general(p16, v_tile[...], (((1,), (0,)), ((), ())),
-                                            preferred_element_type=jnp.float32)
-            if not fp8:
-                plgpu.barrier_arrive(v_free.at[slot])
-            return acc, m_new, l
-
-        carry = (
-            layout(jnp.full((ROWS, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA),
-            layout(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
-            layout(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
-        )
+        carry = _empty_state(plgpu, layout, head_dim)
         # Only a block's first stage (window start) and last (end of the keys) need the mask.
         carry = lax.fori_loop(0, jnp.minimum(steps, 1), functools.partial(step, masked=True), carry)
         carry = lax.fori_loop(1, steps - 1, functools.partial(step, masked=False), carry)
         carry = lax.fori_loop(jnp.maximum(steps - 1, 1), steps, functools.partial(step, masked=True), carry)
         acc, m, l = carry
 
-        valid = l > 0.0
-        inv_l = jnp.where(valid, 1.0 / jnp.where(valid, l, 1.0), 0.0)
-        if fp8:
-            inv_l = inv_l * v_scale_ref[kv_head]
+        inv_l, lse = _finish(m, l, v_scale_ref[kv_head] if fp8 else None)
         out = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
-        lse_smem[...] = jnp.where(valid, m * LN2 + jnp.log(jnp.where(valid, l, 1.0)), -jnp.inf)
+        lse_smem[...] = lse
         rows_out = out_ref.at[batch, split, pl.ds(q_head0, rows)]
         if out_ref.dtype == dtype:  # one split: the final output, through the Q staging tile
             q_stage[...] = out.astype(dtype)
@@ -347,38 +427,10 @@ def _paged_decode_kernel(q_ref, k_ref, v_ref, table_ref, lens_ref, *refs, plgpu,
     def _producer():
         if compiled:
             plgpu.set_max_registers(40, action="decrease")
-        num_pages = lax.div(kv_len + jnp.int32(block_size - 1), jnp.int32(block_size))
-
-        def pieces(stage):
-            """(page, rows of the page, destination rows of the slot) of each copy of a stage."""
-            if block_size >= block_kv:  # a stage is a row range of one page
-                first_key = stage * bkv
-                page = table_ref[batch, lax.div(first_key, jnp.int32(block_size))]
-                return [(page, pl.ds(lax.rem(first_key, jnp.int32(block_size)), block_kv), slice(None))]
-            per_stage = block_kv // block_size
-            # Pages past the sequence's last re-read the last one (their table entries may be
-            # anything); those keys are masked and their V rows zeroed.
-            return [(table_ref[batch, jnp.minimum(stage * per_stage + j, num_pages - 1)], slice(None),
-                     pl.ds(j * block_size, block_size)) for j in range(per_stage)]
-
-        def issue(cache, ring, ready, slot, parts):
-            for page, src_rows, dst_rows in parts:
-                plgpu.copy_gmem_to_smem(cache.at[page, src_rows, kv_head], ring.at[slot, dst_rows], ready.at[slot])
-
-        @pl.loop(0, steps)
-        def _fill(i):
-            slot = lax.rem(i, jnp.int32(num_stages))
-            parts = pieces(start + i)  # the page numbers load before the waits
-            pl.when(i >= num_stages)(lambda: plgpu.barrier_wait(k_free.at[slot]))
-            issue(k_ref, k_smem, k_ready, slot, parts)
-            pl.when(i >= num_stages)(lambda: plgpu.barrier_wait(v_free.at[slot]))
-            issue(v_ref, v_smem, v_ready, slot, parts)
-
-        @pl.loop(jnp.maximum(steps - num_stages, 0), steps)
-        def _drain(i):  # wait for the last releases too: no barrier phase goes unobserved
-            slot = lax.rem(i, jnp.int32(num_stages))
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
+        _produce_stages(plgpu=plgpu, page_of=lambda j: table_ref[batch, j], kv_len=kv_len, kv_head=kv_head,
+                        block_size=block_size, block_kv=block_kv, num_stages=num_stages, first_stage=start,
+                        steps=steps, k_ref=k_ref, v_ref=v_ref, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready,
+                        v_ready=v_ready, k_free=k_free, v_free=v_free)
 
 
 def _merge_splits(out, lse):
@@ -478,3 +530,234 @@ def paged_attention_gpu(q, k_cache, v_cache, block_table, seq_lens, k_scale=None
         out = out.astype(q.dtype)
     return (out, lse) if return_lse else out
 
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked prefill / mixed batches (cu_seqlens_q)
+# --------------------------------------------------------------------------------------------
+
+def _prefill_stage_bounds(pos0, nq, kv_len, *, causal, left, right, block_kv):
+    """Stages ``[first, end)`` holding a key some row of a tile sees, and the stages
+    ``[mid_lo, mid_hi)`` every row of the tile sees whole (those skip the mask).
+
+    The tile's queries sit at positions ``[pos0, pos0 + nq)``; a query at ``p`` sees keys
+    ``[p - left, p + right]`` (right 0 when causal; unbounded sides where negative) below
+    ``kv_len``. An empty tile (``nq == 0``) runs no stage.
+    """
+    bkv = jnp.int32(block_kv)
+    last = pos0 + nq - 1
+    reach = 0 if causal else right  # keys past a query's position it sees
+    if reach >= 0:
+        hi, hi_all = jnp.minimum(kv_len, last + 1 + reach), jnp.minimum(kv_len, pos0 + 1 + reach)
+    else:
+        hi = hi_all = kv_len
+    if left >= 0:
+        lo, lo_all = jnp.maximum(pos0 - left, 0), jnp.maximum(last - left, 0)
+    else:
+        lo = lo_all = jnp.int32(0)
+    first = lax.div(lo, bkv)
+    end = jnp.where((nq > 0) & (lo < hi), lax.div(hi + bkv - 1, bkv), first)
+    mid_lo = jnp.clip(lax.div(lo_all + bkv - 1, bkv), first, end)
+    mid_hi = jnp.clip(lax.div(jnp.maximum(hi_all, 0), bkv), mid_lo, end)
+    return first, end, mid_lo, mid_hi
+
+
+def _paged_prefill_kernel(q_ref, k_ref, v_ref, table_ref, lens_ref, tiles_ref, *refs, plgpu, scale, softcap,
+                          causal, left, right, row_heads, head_tiles, block_size, block_kv, num_stages, fp8,
+                          compiled):
+    if fp8:
+        k_scale_ref, v_scale_ref, *refs = refs
+    out_ref, lse_ref, *scratch = refs
+    (q_smem, k_smem, v_smem, k_wide, v_wide, lse_smem, q_ready, k_ready, v_ready, k_free, v_free) = scratch
+    dtype = q_ref.dtype
+    head_dim = q_ref.shape[-1]
+    max_blocks = table_ref.shape[1]
+    tile = lax.axis_index("tile")
+    head_tile = lax.axis_index("head_tile")
+    kv_head = lax.div(head_tile, jnp.int32(head_tiles))
+    seq, pos0, nq = tiles_ref[0, tile], tiles_ref[1, tile], tiles_ref[2, tile]
+    kv_len = jnp.minimum(jnp.maximum(lens_ref[seq], 0), max_blocks * block_size)
+    first, end, mid_lo, mid_hi = _prefill_stage_bounds(pos0, nq, kv_len, causal=causal, left=left, right=right,
+                                                       block_kv=block_kv)
+    steps = end - first
+    bkv = jnp.int32(block_kv)
+    wg = lax.axis_index("wg")
+
+    def layout(x, kind):
+        return plgpu.layout_cast(x, kind) if compiled else x
+
+    def iota(shape, dim):
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA if compiled else None)
+
+    @pl.when(wg == 0)
+    def _consumer():
+        if compiled:
+            plgpu.set_max_registers(232, action="increase")
+        plgpu.copy_gmem_to_smem(q_ref.at[tile, head_tile], q_smem, q_ready)
+        pre = scale * (k_scale_ref[kv_head] if fp8 else 1.0) * (1.0 / softcap if softcap else LOG2E)
+        post = softcap * LOG2E
+        reach = 0 if causal else right
+
+        def mask(s, stage):  # (recomputed per masked stage: held across the loop, these would take 64 registers)
+            cols = iota(s.shape, 1) + stage * bkv
+            qpos = lax.div(iota(s.shape, 0), jnp.int32(row_heads)) + pos0  # row r: query r // row_heads
+            ok = cols < kv_len
+            if reach >= 0:
+                ok &= cols <= qpos + reach
+            if left >= 0:
+                ok &= cols >= qpos - left
+            return jnp.where(ok, s, -jnp.inf)
+
+        step = _stage_step(plgpu=plgpu, compiled=compiled, iota=iota, dtype=dtype, fp8=fp8, block_kv=block_kv,
+                           num_stages=num_stages, kv_len=kv_len, pre=pre, post=post, softcap=softcap,
+                           q_smem=q_smem, k_smem=k_smem, v_smem=v_smem, k_wide=k_wide, v_wide=v_wide,
+                           k_ready=k_ready, v_ready=v_ready, k_free=k_free, v_free=v_free, first_stage=first,
+                           mask=mask, guard_empty_rows=True)
+
+        carry = _empty_state(plgpu, layout, head_dim)
+        plgpu.barrier_wait(q_ready)
+        carry = lax.fori_loop(0, mid_lo - first, functools.partial(step, masked=True), carry)
+        carry = lax.fori_loop(mid_lo - first, mid_hi - first, functools.partial(step, masked=False), carry)
+        carry = lax.fori_loop(mid_hi - first, steps, functools.partial(step, masked=True), carry)
+        acc, m, l = carry
+
+        inv_l, lse = _finish(m, l, v_scale_ref[kv_head] if fp8 else None)
+        q_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
+        lse_smem[...] = lse
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, out_ref.at[tile, head_tile])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[tile, head_tile])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 1)
+    def _producer():
+        if compiled:
+            plgpu.set_max_registers(40, action="decrease")
+        _produce_stages(plgpu=plgpu, page_of=lambda j: table_ref[seq, j], kv_len=kv_len, kv_head=kv_head,
+                        block_size=block_size, block_kv=block_kv, num_stages=num_stages, first_stage=first,
+                        steps=steps, k_ref=k_ref, v_ref=v_ref, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready,
+                        v_ready=v_ready, k_free=k_free, v_free=v_free)
+
+
+def prefill_tiles(cu_seqlens_q, seq_lens, *, tokens_per_tile, num_tiles):
+    """Tile tables for packed queries: ``[3, num_tiles]`` int32 rows (sequence, position of the
+    tile's first query, queries in the tile: 0 past the last tile), and each tile's first
+    packed token. A tile holds up to ``tokens_per_tile`` queries of one sequence."""
+    batch = seq_lens.shape[0]
+    q_lens = jnp.maximum(cu_seqlens_q[1:] - cu_seqlens_q[:-1], 0)
+    counts = lax.div(q_lens + (tokens_per_tile - 1), jnp.int32(tokens_per_tile))
+    ends = jnp.cumsum(counts)
+    j = jnp.arange(num_tiles, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(ends, j, side="right").astype(jnp.int32), 0, batch - 1)
+    q0 = (j - (ends - counts)[seq]) * tokens_per_tile
+    nq = jnp.where(j < ends[-1], jnp.clip(q_lens[seq] - q0, 0, tokens_per_tile), 0)
+    pos0 = seq_lens[seq] - q_lens[seq] + q0
+    return jnp.stack([seq, pos0, nq]).astype(jnp.int32), cu_seqlens_q[seq] + q0, ends - counts
+
+
+def paged_prefill_gpu(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, k_scale=None, v_scale=None, *,
+                      scale: float, causal: bool = True, window=(-1, -1), softcap: float = 0.0,
+                      return_lse: bool = False, config: Optional[GpuPagedConfig] = None, interpret=None):
+    """Chunked prefill / mixed batch: packed q ``[Tq, Hq, D]`` with ``cu_seqlens_q`` -> out
+    ``[Tq, Hq, D]`` (and lse ``[Hq, Tq]``), semantics of :func:`~lepton_kernels.jax.paged_attention`.
+
+    One block per (query tile, kv head): a tile's 64 rows are ``64 // G`` queries of one
+    sequence times the ``G`` heads of a kv head (or 64 heads of one query when ``G`` is a
+    multiple of 64), so decode rows and prefill chunks share one launch. A jnp pre-pass lays
+    q out in tiles and tabulates each tile's sequence and first position (a static count, at
+    most ``cdiv(Tq, queries per tile) + B``: unused tiles run no stage); a post-pass puts the
+    tiles' rows back in token order. Each block walks the KV stages its rows can see (up to the last
+    query's position when causal), masking only stages some row sees in part.
+    """
+    plgpu = _mosaic.plgpu()
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    batch = block_table.shape[0]
+    group = num_heads // num_kv_heads
+    row_heads = min(group, ROWS)
+    head_tiles = group // row_heads
+    tokens_per_tile = ROWS // row_heads
+    fp8 = jnp.dtype(k_cache.dtype) == FP8
+    config = config or default_config(head_dim, k_cache.dtype)
+    block_kv = config.block_kv
+    smem = config.smem_bytes(head_dim, jnp.dtype(k_cache.dtype).itemsize, jnp.dtype(q.dtype).itemsize)
+    if smem > SMEM_BYTES:
+        raise ValueError(f"{config} needs {smem} bytes of shared memory at D={head_dim}; the limit is {SMEM_BYTES}")
+    # Sequence b takes cdiv(n_b, tokens_per_tile) tiles, with sum(n_b) <= Tq.
+    num_tiles = max(1, min(pl.cdiv(num_tokens, tokens_per_tile) + min(batch, num_tokens),
+                           (num_tokens + batch * (tokens_per_tile - 1)) // tokens_per_tile))
+    max_stages = pl.cdiv(block_table.shape[1] * block_size, block_kv)
+    num_stages = max(2, min(config.num_stages, max_stages))
+    cu_seqlens_q = cu_seqlens_q.astype(jnp.int32)
+    seq_lens = seq_lens.astype(jnp.int32)
+    tiles, first_token, tile_starts = prefill_tiles(cu_seqlens_q, seq_lens, tokens_per_tile=tokens_per_tile,
+                                                    num_tiles=num_tiles)
+
+    # q in tiles: [num_tiles, Hkv * head_tiles, 64, D], rows (query, head in the row block).
+    k_in_tile = jnp.arange(tokens_per_tile, dtype=jnp.int32)
+    src = first_token[:, None] + k_in_tile
+    src = jnp.where(k_in_tile < tiles[2][:, None], src, num_tokens).reshape(-1)  # past the end: zeros
+    qt = jnp.take(q, src, axis=0, mode="fill", fill_value=0)
+    qt = qt.reshape(num_tiles, tokens_per_tile, num_kv_heads * head_tiles, row_heads, head_dim)
+    qt = qt.transpose(0, 2, 1, 3, 4).reshape(num_tiles, num_kv_heads * head_tiles, -1, head_dim)
+    used_rows = tokens_per_tile * row_heads
+    if used_rows < ROWS:
+        qt = jnp.pad(qt, ((0, 0), (0, 0), (0, ROWS - used_rows), (0, 0)))
+
+    def tiles_of(dtype):
+        bits = jnp.dtype(dtype).itemsize * 8
+        swizzle = plgpu.find_swizzle(head_dim * bits)
+        return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
+
+    ring = plgpu.SMEM((num_stages, block_kv, head_dim), k_cache.dtype, transforms=tiles_of(k_cache.dtype))
+    wide = plgpu.SMEM((block_kv, head_dim), q.dtype, transforms=tiles_of(q.dtype)) if fp8 else None
+    scratch = (
+        plgpu.SMEM((ROWS, head_dim), q.dtype, transforms=tiles_of(q.dtype)),  # q in, out out
+        ring, ring, wide, wide,
+        plgpu.SMEM((ROWS,), jnp.float32),  # lse
+        plgpu.Barrier(),  # q_ready
+        plgpu.Barrier(num_arrivals=max(1, block_kv // block_size), num_barriers=num_stages),  # k_ready
+        plgpu.Barrier(num_arrivals=max(1, block_kv // block_size), num_barriers=num_stages),  # v_ready
+        plgpu.Barrier(num_barriers=num_stages),  # k_free
+        plgpu.Barrier(num_barriers=num_stages),  # v_free
+    )
+    out_type = (jax.ShapeDtypeStruct(qt.shape, q.dtype),
+                jax.ShapeDtypeStruct(qt.shape[:-1], jnp.float32))
+    inputs = [qt, k_cache, v_cache, block_table, seq_lens, tiles]
+    if fp8:
+        inputs += [V.per_head(k_scale, num_kv_heads), V.per_head(v_scale, num_kv_heads)]
+    left, right = window
+    body = functools.partial(
+        _paged_prefill_kernel, plgpu=plgpu, scale=scale, softcap=softcap, causal=causal, left=left, right=right,
+        row_heads=row_heads, head_tiles=head_tiles, block_size=block_size, block_kv=block_kv,
+        num_stages=num_stages, fp8=fp8, compiled=interpret is None)
+    out, lse = plgpu.kernel(
+        body,
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=(num_tiles, num_kv_heads * head_tiles),
+        grid_names=("tile", "head_tile"),
+        num_threads=2,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **({} if interpret is None else dict(interpret=interpret)),
+    )(*inputs)
+
+    # Tiles back to token order: [num_tiles * tokens_per_tile, Hq, ...].
+    def untile(x):
+        x = x[:, :, :used_rows].reshape(num_tiles, num_kv_heads * head_tiles, tokens_per_tile, row_heads,
+                                        *x.shape[3:])
+        return jnp.moveaxis(x, 2, 1).reshape(num_tiles * tokens_per_tile, num_heads, *x.shape[4:])
+
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    seg = jnp.clip(jnp.searchsorted(cu_seqlens_q, t, side="right").astype(jnp.int32) - 1, 0, batch - 1)
+    local = t - cu_seqlens_q[seg]
+    valid = (t >= cu_seqlens_q[0]) & (t < cu_seqlens_q[-1])
+    row = (tile_starts[seg] + lax.div(local, jnp.int32(tokens_per_tile))) * tokens_per_tile + lax.rem(
+        local, jnp.int32(tokens_per_tile))
+    row = jnp.where(valid, row, num_tiles * tokens_per_tile)
+    out = jnp.take(untile(out), row, axis=0, mode="fill", fill_value=0)
+    if not return_lse:
+        return out
+    lse = jnp.take(untile(lse), row, axis=0, mode="fill", fill_value=-jnp.inf)
+    return out, lse.T

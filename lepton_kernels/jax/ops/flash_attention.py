@@ -390,7 +390,8 @@ def _run(q, k, v, kv_lens, cu_seqlens_q, cu_seqlens_k, *, impl, scale, softcap, 
                                          kv_lens=kv_lens, cu_seqlens_q=cu_seqlens_q,
                                          cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
     if impl == "gpu":
-        return gpu_flash.flash_attention_gpu(q, k, v, scale=scale, causal=causal, return_lse=return_lse)
+        return gpu_flash.flash_attention_gpu(q, k, v, kv_lens, scale=scale, causal=causal, window=window,
+                                             softcap=softcap, return_lse=return_lse)
     options = dict(scale=scale, softcap=softcap, causal=causal, window=window, return_lse=return_lse,
                    block_sizes=block_sizes, interpret=_dispatch.interpret_params() if impl == "interpret" else False)
     if cu_seqlens_q is not None:
@@ -431,8 +432,8 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: Optional[fl
         block_sizes: :class:`FlashBlockSizes` for the TPU kernel; default per TPU generation.
         backend: "auto" (default), "tpu", "interpret", "gpu" or "reference"; see
             ``lepton_kernels.jax._dispatch``. The Mosaic GPU kernel (Hopper) serves the padded
-            layout in float16/bfloat16 with head dims 64/128/256, causal or not, with GQA and
-            lse; varlen, ``kv_lens``, windows and softcap run on the reference there.
+            layout in float16/bfloat16 with head dims 64/128/256: causal or not, windows,
+            softcap, ``kv_lens``, GQA and lse; varlen runs on the reference there.
 
     Returns:
         out with q's shape and dtype, or ``(out, lse)``. A query that sees no key gets

@@ -72,6 +72,10 @@ def _run(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, k_scale, v_sc
         return paged_attention_reference(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q=cu_seqlens_q,
                                          softmax_scale=scale, causal=causal, window=window, softcap=softcap,
                                          k_scale=k_scale, v_scale=v_scale, return_lse=return_lse)
+    if impl == "gpu" and cu_seqlens_q is not None:
+        return gpu_paged.paged_prefill_gpu(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, k_scale, v_scale,
+                                           scale=scale, causal=causal, window=window, softcap=softcap,
+                                           return_lse=return_lse)
     if impl == "gpu":
         return gpu_paged.paged_attention_gpu(q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale,
                                              scale=scale, window=window, softcap=softcap, return_lse=return_lse)
