@@ -7,30 +7,18 @@ calls take milliseconds, so dispatch is a few percent at most); no L2 flush (K/V
 """
 import json
 import sys
-import time
 import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import lepton_kernels.jax as lj
+from _jax_timing import wall_ms
 from lepton_kernels.jax.gpu import flash_attention as gfa
 
 out_dir = sys.argv[1]
 H, D, DTYPE, TOKENS = 32, 128, jnp.bfloat16, 16384
 WARMUP, ITERS = 3, 20
-
-
-def median_ms(fn, *args):
-    for _ in range(WARMUP):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(ITERS):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
 
 
 def candidates(causal):
@@ -58,7 +46,7 @@ for S in (1024, 4096):
                 row[name] = "skipped (materializes B*H*S*S f32 scores)"
                 continue
             try:
-                ms = median_ms(fn, q, k, v)
+                ms = wall_ms(fn, q, k, v, warmup=WARMUP, iters=ITERS)
                 row[name] = round(flops / ms / 1e9, 1)  # TFLOP/s
                 row[name + "_ms"] = round(ms, 3)
             except Exception as exc:

@@ -10,9 +10,7 @@ profiler.measure) when it works, "wall" the host wall clock of the jitted call w
 block_until_ready (includes launch overhead).
 """
 import json
-import statistics
 import sys
-import time
 import traceback
 
 import jax
@@ -20,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lepton_kernels.jax as lj
+from _jax_timing import cupti_ms, wall_ms
 from lepton_kernels.jax.gpu import paged_attention as gpa
 
 out_dir = sys.argv[1]
@@ -30,32 +29,10 @@ WARMUP, ITERS = 3, 30
 SCALE = D ** -0.5
 
 
-def wall_ms(fn, *args):
-    for _ in range(WARMUP):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(ITERS):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def gpu_ms(fn, *args):
-    try:
-        from jax.experimental.mosaic.gpu import profiler
-        _, times = profiler.measure(fn, iterations=ITERS)(*args)
-        times = [t for t in times if t is not None]
-        return statistics.median(times) if times else None
-    except Exception as exc:  # CUPTI unavailable or the API moved
-        print(f"cupti timing unavailable: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-        return None
-
-
 def timed(row, name, fn, args, kv_bytes):
     try:
-        wall = wall_ms(fn, *args)
-        gpu = gpu_ms(fn, *args)
+        wall = wall_ms(fn, *args, warmup=WARMUP, iters=ITERS)
+        gpu = cupti_ms(fn, *args, iters=ITERS)
         best = gpu if gpu is not None else wall
         row[name] = round(kv_bytes / best / 1e6, 1)  # GB/s
         row[name + "_us"] = round(best * 1e3, 1)

@@ -2,9 +2,7 @@
 (gathered pages, f32 softmax) and the Mosaic GPU flash_attention on contiguous K/V.
 Usage: python3 benchmarks/pallas_gpu_prefill.py OUT_DIR"""
 import json
-import statistics
 import sys
-import time
 import traceback
 
 import jax
@@ -12,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lepton_kernels.jax as lj
+from _jax_timing import cupti_ms, wall_ms
 from lepton_kernels.jax.ops.paged_attention import gather_pages
 
 out_dir = sys.argv[1]
@@ -24,21 +23,9 @@ FLOPS = 4 * B * HQ * D * sum(CACHED + i + 1 for i in range(NEW))  # causal: QK^T
 def timed(name, fn, *args):
     row = {"name": name}
     try:
-        for _ in range(WARMUP):
-            jax.block_until_ready(fn(*args))
-        walls = []
-        for _ in range(ITERS):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            walls.append(time.perf_counter() - t0)
-        row["wall_us"] = round(statistics.median(walls) * 1e6, 1)
-        try:
-            from jax.experimental.mosaic.gpu import profiler
-            _, times = profiler.measure(fn, iterations=ITERS)(*args)
-            times = [t for t in times if t is not None]
-            row["gpu_us"] = round(statistics.median(times) * 1e3, 1) if times else None
-        except Exception as exc:
-            row["cupti"] = f"{type(exc).__name__}: {str(exc)[:150]}"
+        row["wall_us"] = round(wall_ms(fn, *args, warmup=WARMUP, iters=ITERS) * 1e3, 1)
+        gpu = cupti_ms(fn, *args, iters=ITERS)
+        row["gpu_us"] = None if gpu is None else round(gpu * 1e3, 1)
         best = row.get("gpu_us") or row["wall_us"]
         row["TFLOPs"] = round(FLOPS / best / 1e6, 1)
     except Exception as exc:

@@ -8,14 +8,13 @@ Small M: TB/s of weight (+scale/zero) bytes; large M: TFLOP/s (2MNK). Median of 
 import json
 import math
 import sys
-import time
 import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import lepton_kernels.jax as lj
+from _jax_timing import cupti_ms, wall_ms
 from lepton_kernels.jax.gpu import quant_matmul as gq
 
 out_dir = sys.argv[1]
@@ -34,22 +33,9 @@ def median_us(fn, x, weights):
     CUPTI is unavailable."""
     many = jax.jit(lambda x, ws: tuple(fn(x, w) for w in ws))
     ws = tuple(weights)
-    for _ in range(WARMUP):
-        jax.block_until_ready(many(x, ws))
-    try:
-        from jax.experimental.mosaic.gpu import profiler
-        _, times = profiler.measure(many, iterations=ITERS)(x, ws)
-        times = [t for t in times if t is not None]
-        if times:
-            return float(np.median(times)) * 1e3 / len(ws)
-    except Exception as exc:  # CUPTI unavailable or the API moved
-        print(f"cupti timing unavailable: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-    times = []
-    for _ in range(ITERS):
-        t0 = time.perf_counter()
-        jax.block_until_ready(many(x, ws))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e6 / len(ws)
+    wall = wall_ms(many, x, ws, warmup=WARMUP, iters=ITERS)  # also the warm-up
+    gpu = cupti_ms(many, x, ws, iters=ITERS)
+    return (wall if gpu is None else gpu) * 1e3 / len(ws)
 
 
 rows = []
