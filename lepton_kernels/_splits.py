@@ -9,8 +9,8 @@ from typing import Tuple
 
 import torch
 
-# At most this many splits, and resident decode programs per SM (sm_90 compile: ~72 KB of
-# shared memory and ~120 registers per program).
+# At most this many splits, and resident decode programs per SM unless the caller knows better
+# (sm_90 compile of 64-key tiles: ~72 KB of shared memory and ~120 registers per program).
 MAX_SPLITS = 128
 DECODE_PROGRAMS_PER_SM = 3
 # Cost of a program besides its key tiles (Q load, epilogue, partial write), in tiles.
@@ -42,12 +42,14 @@ def current_capability(device: torch.device) -> Tuple[int, int]:
     return capability(_index(device))
 
 
-def choose_num_splits(programs: int, max_tiles: int, sm_count: int, decode: bool) -> int:
+def choose_num_splits(programs: int, max_tiles: int, sm_count: int, decode: bool,
+                      programs_per_sm: int = DECODE_PROGRAMS_PER_SM) -> int:
     """How many ranges to split each program's keys into.
 
     ``programs``: (query block, head group) programs; ``max_tiles``: the most key tiles one of
     them can have (from the block table's capacity, or the window). Decode programs are
-    bandwidth-bound and small: ``splits_for_slots`` with three per SM. Query-block programs
+    bandwidth-bound: ``splits_for_slots`` with ``programs_per_sm`` resident per SM (what their
+    tiles' shared memory allows). Query-block programs
     fill an SM alone and their split
     partials are large (rows x head dim in fp32): split only a GPU less than half busy, and
     only up to one wave."""
@@ -58,7 +60,7 @@ def choose_num_splits(programs: int, max_tiles: int, sm_count: int, decode: bool
         if 2 * programs > sm_count:
             return 1
         return max(1, min(sm_count // programs, limit))
-    return splits_for_slots(programs, max_tiles, max(1, sm_count * DECODE_PROGRAMS_PER_SM))
+    return splits_for_slots(programs, max_tiles, max(1, sm_count * programs_per_sm))
 
 
 @functools.lru_cache(maxsize=4096)  # called on every launch: keep the loop off the hot path

@@ -29,7 +29,7 @@ FP8_SHAPE = (64, 4096)
 # Full runs also time other tile shapes and split counts here (block size 16), to check the
 # heuristics: (BLOCK_N, num_warps, num_stages) and split counts relative to the chosen one.
 TUNING_SHAPES = [(16, 4096), (64, 4096), (1, 32768)]
-TUNING_TILES = [(128, 4, 5), (64, 4, 3), (32, 4, 5), (64, 8, 5)]
+TUNING_TILES = [(64, 4, 5), (128, 4, 3), (32, 2, 5), (64, 8, 5)]
 TUNING_SPLIT_FACTORS = (0.5, 2.0)
 PLAN_COLUMN = "plan"
 PREFILL = dict(batch=4, cached=2048, new=512)

@@ -81,16 +81,6 @@ def _max_keys(capacity: int, window_left: int) -> int:
     return capacity if window_left < 0 else min(capacity, window_left + TILE_KEYS)  # + the partial first tile
 
 
-@trace_as_constant
-def auto_num_splits(device: torch.device, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                    cache_dtype: torch.dtype, capacity: int, window_left: int) -> int:
-    """The split count the heuristic picks, from plain values (backend selection calls it, and
-    torch.compile bakes it in: it reads device properties through the extension)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    ctas, slots = _ctas_and_slots(index, batch, num_q_heads, num_kv_heads, head_dim, cache_dtype)
-    return choose_num_splits(ctas, _max_keys(capacity, window_left), slots)
-
-
 def plan(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, window_left: int,
          num_splits: Optional[int] = None) -> DecodePlan:
     """The split plan of a decode call with these tensors (``num_splits`` overrides it)."""

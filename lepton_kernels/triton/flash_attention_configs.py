@@ -110,19 +110,46 @@ def shared_memory_budget(capability: Tuple[int, int]) -> int:
 
 def decode_tiles(block_d: int, block_m: int, cache_dtype: torch.dtype, q_dtype: torch.dtype,
                  capability: Tuple[int, int], interp: bool) -> AttentionTiles:
-    """Tiles for one-query programs: bandwidth-bound, so sized by the bytes of K/V per step.
+    """Tiles for one-query programs of the paged kernel: bandwidth-bound, so sized by the bytes
+    of K/V in flight.
 
-    8192 elements of K (and as many of V) per key tile: 64 keys at D=128, 16 KB in 16 bits
-    (fp8 tiles are converted in registers: more keys per tile ran out of registers in the
-    sm_90 compile). Stages: the page lookup feeding each K/V address takes a pipeline stage of
-    its own and the small-M dot (mma.sync) another, so Triton 3.6 keeps two K/V buffers in
-    flight (~72 KB of shared memory at 16 bits: three programs per H100 SM) only at
-    num_stages=5 (checked in the compiled IR: 3 or 4 stages give a single buffer)."""
+    Stages: the page lookup feeding each K/V address takes a pipeline stage of its own and the
+    small-M dot (mma.sync) another, so Triton 3.6 keeps two K/V buffers in flight only at
+    num_stages=5 (checked in the compiled IR: 3 or 4 stages give a single buffer).
+
+    Hopper, one 16-row tile (GQA groups up to 16), swept on an H100 (Hq 32 / Hkv 8, D=128,
+    B 1-128 x L 2k-32k, block sizes 16 and 128, CUDA-graph time):
+      * 16-bit caches: 16K elements of K per tile (128 keys at D=128), two buffers: ~144 KB, one
+        program per SM, split to about one per SM. 1.03-1.12x the 64-key tiles at three per SM
+        on every shape (B=64, L=4k: 359 vs 400 us).
+      * fp8 caches are converted in registers, so many small programs hide the conversion
+        better than a few deep ones: 4K elements (32 keys at D=128), 2 warps, about four programs
+        per SM (B=64, L=4k: 196 vs 250 us for the 16-bit tiles' shape).
+    Elsewhere (and for larger row tiles or float32 queries): 8K elements per tile (64 keys at
+    D=128), two buffers where they fit (~72 KB at 16 bits: three programs per H100 SM)."""
     if interp:
         return AttentionTiles(block_m, 16, 4, 1)
     elem = 4 if q_dtype == torch.float32 else cache_dtype.itemsize
+    budget = shared_memory_budget(capability)
+    if capability[0] == 9 and block_m <= 16 and q_dtype != torch.float32:
+        if elem == 1:
+            return AttentionTiles(block_m, max(16, min(128, 4096 // block_d)), 2, 5)
+        block_n = max(16, min(128, 16384 // block_d))
+        if 2 * 2 * block_n * block_d * elem + 16 * 1024 <= budget:
+            return AttentionTiles(block_m, block_n, 4, 5)
     block_n = max(16, min(128, (4096 if elem == 4 else 8192) // block_d))
     warps = 4 if block_m <= 64 else 8
     two_buffers = 2 * 2 * block_n * block_d * elem + 16 * 1024
-    stages = 5 if two_buffers <= shared_memory_budget(capability) else 3
+    stages = 5 if two_buffers <= budget else 3
     return AttentionTiles(block_m, block_n, warps, stages)
+
+
+def decode_programs_per_sm(tiles: AttentionTiles, block_d: int, cache_dtype: torch.dtype, q_dtype: torch.dtype,
+                           capability: Tuple[int, int]) -> int:
+    """Resident one-query programs per SM that split-KV aims to fill: their K/V buffers (two at
+    num_stages=5) plus ~8 KB of the rest against the shared memory, at most four (the fp8
+    tiles: more splits than that only add partials)."""
+    elem = 4 if q_dtype == torch.float32 else cache_dtype.itemsize
+    buffers = 2 if tiles.num_stages >= 5 else 1
+    per_program = buffers * 2 * tiles.block_n * block_d * elem + 8 * 1024
+    return max(1, min(4, shared_memory_budget(capability) // per_program))

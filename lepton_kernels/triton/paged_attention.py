@@ -21,8 +21,9 @@ sequences that start at or before it (a vectorized search over ``cu_seqlens_q``)
 it has no queries. Causal / window bounds limit the key range of each query block; key tiles
 fully visible to every row run without mask arithmetic.
 
-fp8 (e4m3) caches are converted to the query dtype after loading; the K scale is folded into
-the score scale and the V scale into the output (both per tensor or per KV head).
+fp8 (e4m3) caches are converted to float16 after loading and both products run in float16
+(the query scaled by a power of two into its range); the K scale is folded into the score
+scale and the V scale into the output (both per tensor or per KV head).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import triton.language as tl
 
 from . import interpreting, unavailable_reason
 from .flash_attention import LOG2E, online_softmax_step, score_tile
-from .flash_attention_configs import AttentionTiles, attention_tiles, decode_tiles
+from .flash_attention_configs import AttentionTiles, attention_tiles, decode_programs_per_sm, decode_tiles
 from .._splits import MAX_SPLITS, MIN_TILES_PER_SPLIT, capability, choose_num_splits, sm_count
 
 OP = "paged_attention"
@@ -199,6 +200,15 @@ def _paged_attn_kernel(
             k_scale = tl.load(k_scale_ptr)
             v_scale = tl.load(v_scale_ptr)
         qk_scale = qk_scale * k_scale
+        if q.dtype != tl.float32:
+            # e4m3 becomes float16 in one instruction per pair (bfloat16 takes one more per
+            # element, which bounded the loop), and e4m3 values are exact in float16: both dots
+            # run in float16. q enters float16's range scaled by the power of two 2^-e that puts
+            # its largest magnitude in [1, 2); the score scale takes 2^e back.
+            q32 = q.to(tl.float32)
+            q_exp = (tl.max(tl.max(tl.abs(q32), 1), 0).to(tl.int32, bitcast=True) >> 23) & 0xFF
+            q = (q32 * ((254 - q_exp) << 23).to(tl.float32, bitcast=True)).to(tl.float16)
+            qk_scale = qk_scale * (q_exp << 23).to(tl.float32, bitcast=True)
 
     # -- key range: visible to some row [lo, hi), to every row [full_lo, full_hi) -------------------
     if VARLEN:
@@ -392,7 +402,9 @@ def plan(*, num_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
             if window_left >= 0:  # a window bounds the keys one query block can see
                 capacity = min(capacity, window_left + block_q + max(window_right, 0) + tiles.block_n)
             max_tiles = triton.cdiv(capacity, tiles.block_n)
-            num_splits = choose_num_splits(num_q_blocks * (num_q_heads // hpp), max_tiles, sm_count, max_q == 1)
+            per_sm = decode_programs_per_sm(tiles, block_d, cache_dtype, q_dtype, capability)
+            num_splits = choose_num_splits(num_q_blocks * (num_q_heads // hpp), max_tiles, sm_count, max_q == 1,
+                                           per_sm)
     num_splits = max(1, min(int(num_splits), MAX_SPLITS))
     return LaunchPlan(tiles, block_d, hpp, block_q, num_q_blocks, search, q_blocks_per_seq, num_splits)
 
