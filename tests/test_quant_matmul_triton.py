@@ -224,8 +224,9 @@ def test_fp8_matches_reference(overrides, m, split_k):
     _check(quant_matmul(x, qw, bias, backend="triton"), _w8a8_expected(x, qw, bias), mean_tol=1e-3)
 
 
-def test_quantize_rows_int8_is_the_reference():
-    x = torch.randn(5, 300, device=DEVICE, dtype=torch.bfloat16) * 4
+@pytest.mark.parametrize("k", [300, tq.QUANTIZE_WHOLE_ROW_MAX + 40], ids=["one_pass", "two_passes"])
+def test_quantize_rows_int8_is_the_reference(k):
+    x = torch.randn(5, k, device=DEVICE, dtype=torch.bfloat16) * 4
     x[1] = 0
     x[3, 10] = 1e4
     x[4, ::7] = 0.5  # exact ties after scaling happen for some values
@@ -398,8 +399,9 @@ def test_gpu_asm_dequantizer_matches_portable(monkeypatch, scheme, group_size, s
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_quantize_rows_bit_exact(dtype):
-    x = torch.randn(37, 4096, device=CUDA, dtype=dtype) * 3
+@pytest.mark.parametrize("k", [4096, 14336])  # one pass in registers; two passes
+def test_gpu_quantize_rows_bit_exact(dtype, k):
+    x = torch.randn(37, k, device=CUDA, dtype=dtype) * 3
     x[3] = 0
     x[5, 100] = 3e3
     for fp8 in (False, True):

@@ -53,6 +53,7 @@ FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32: the
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + it) - it rounds |v| < 2**22 half to even
 INT8_MAX = tl.constexpr(127.0)
 FP8_E4M3_MAX = tl.constexpr(448.0)
+QUANTIZE_WHOLE_ROW_MAX = 8192  # activation rows up to this many channels are quantized in one pass
 # The interpreter knows no SM count: pretend a small GPU so split-K paths run in tests.
 INTERPRETER_SM_COUNT = 1
 COUNTERS_MIN = 1 << 14
@@ -391,10 +392,12 @@ def _weight_only_kernel(
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
-                          FP8: tl.constexpr, BLOCK_K: tl.constexpr):
+                          FP8: tl.constexpr, BLOCK_K: tl.constexpr, WHOLE_ROW: tl.constexpr):
     """Per-token activation quantization, one program per row, as the reference does it:
     ``s = max(max|x| / qmax, tiny)``, ``q = clamp(x / s, +-qmax)`` rounded half to even
-    (int8) or cast to e4m3 (fp8); IEEE division so the result matches bit for bit."""
+    (int8) or cast to e4m3 (fp8); IEEE division so the result matches bit for bit.
+    WHOLE_ROW: the row fits one block and is read once, kept in registers between the max
+    and the division (otherwise it is read a second time, from L2)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * stride_xm
@@ -403,20 +406,30 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
         QMAX: tl.constexpr = FP8_E4M3_MAX
     else:
         QMAX: tl.constexpr = INT8_MAX
-    amax = tl.zeros((BLOCK_K,), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), QMAX), FP32_TINY)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -QMAX), QMAX)
-        if FP8:
-            q = v.to(q_ptr.dtype.element_ty)
-        else:
-            q = ((v + ROUND_MAGIC) - ROUND_MAGIC).to(tl.int8)  # round half to even, then exact
-        tl.store(q_row + k0 + offs, q, mask=k0 + offs < K)
+    if WHOLE_ROW:
+        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), QMAX), FP32_TINY)
+        tl.store(q_row + offs, _quantize(x, scale, QMAX, FP8, q_ptr), mask=offs < K)
+    else:
+        amax = tl.zeros((BLOCK_K,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), QMAX), FP32_TINY)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            tl.store(q_row + k0 + offs, _quantize(x, scale, QMAX, FP8, q_ptr), mask=k0 + offs < K)
     tl.store(s_ptr + row, scale)
+
+
+@triton.jit
+def _quantize(x, scale, QMAX: tl.constexpr, FP8: tl.constexpr, q_ptr):
+    v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -QMAX), QMAX)
+    if FP8:
+        q = v.to(q_ptr.dtype.element_ty)
+    else:
+        q = ((v + ROUND_MAGIC) - ROUND_MAGIC).to(tl.int8)  # round half to even, then exact
+    return q
 
 
 @triton.jit
@@ -761,9 +774,15 @@ def quantize_rows(x: torch.Tensor, fp8: bool) -> Tuple[torch.Tensor, torch.Tenso
         return q, s.reshape(m)
     q = _empty((m, k), torch.float8_e4m3fn if fp8 else torch.int8, x.device)
     s = _empty((m,), torch.float32, x.device)
-    block_k = min(2048, max(128, _next_pow2(k)))
+    # Rows up to 8K channels are held in registers (at most 32 values per thread): H100, K=4096,
+    # 1-4096 tokens, 9-12% faster than two passes over 2K-channel blocks. Longer rows take
+    # those two passes (K=14336: 8K-channel blocks were 10-30% slower).
+    block_k = max(128, _next_pow2(k))
+    whole_row = block_k <= QUANTIZE_WHOLE_ROW_MAX
+    if not whole_row:
+        block_k = 2048
     _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), FP8=fp8, BLOCK_K=block_k,
-                                num_warps=4 if block_k <= 1024 else 8)
+                                WHOLE_ROW=whole_row, num_warps=4 if block_k <= 1024 else 8)
     return q, s
 
 
