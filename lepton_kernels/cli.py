@@ -3,9 +3,16 @@ backend against the torch reference, and the benchmarks.
 
     lepton-kernels info [--json]
     lepton-kernels selfcheck [--op NAME ...] [--device cpu|cuda] [--json]
-    lepton-kernels bench <op> [--quick] [--out DIR] [--no-plot]
+    lepton-kernels bench <op> [--quick] [--out DIR] [--no-plot] [--part I/N]
+    lepton-kernels bench --merge PART.json [PART.json ...] [--out DIR] [--no-plot]
     lepton-kernels bench --replot RESULTS.json [...]
     lepton-kernels bench --list
+
+A long benchmark runs in parts, each its own process (possibly on another machine with the same
+GPU model): ``bench <op> --part I/N`` times the I-th of N contiguous blocks of the op's shape
+list, measuring the ceilings again, and writes ``<op>-<gpu>.partIofN.md|json``; ``bench --merge``
+checks that the parts belong together (same op, GPU and --quick; parts 1..N each once) and
+writes the usual ``<op>-<gpu>.md|json|png`` from them, without a GPU.
 """
 from __future__ import annotations
 
@@ -440,6 +447,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         for name in bench.names():
             print(name)
         return EXIT_OK
+    clash = [flag for flag, given in (("--replot", args.replot), ("--merge", args.merge), ("an op", args.op))
+             if given]
+    if len(clash) > 1:
+        print(f"lepton-kernels bench: give one of an op, --merge or --replot, not {' and '.join(clash)}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if args.merge:
+        return _merge(bench, args)
     if args.replot:
         paths = [bench.replot(path) for path in args.replot]
         for path in paths:
@@ -457,6 +472,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"lepton-kernels bench: no benchmark for {args.op!r}; benchmarked ops: {', '.join(bench.names())}",
               file=sys.stderr)
         return EXIT_USAGE
+    part = None
+    if args.part is not None:
+        from lepton_kernels.bench.harness import parse_part
+
+        try:  # a bad request fails here, before the GPU is looked at
+            part = parse_part(args.part)
+            bench.check_part(args.op, part, args.quick)
+        except ValueError as exc:
+            print(f"lepton-kernels bench: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     import torch
 
     if not torch.cuda.is_available():
@@ -464,10 +489,34 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               f"(CUDA build: {torch.version.cuda or 'none'}). Run it on a machine with an NVIDIA GPU.",
               file=sys.stderr)
         return EXIT_USAGE
-    paths = bench.run_benchmark(args.op, quick=args.quick, out_dir=args.out, plot=not args.no_plot)
+    paths = bench.run_benchmark(args.op, quick=args.quick, out_dir=args.out or bench.DEFAULT_OUT_DIR,
+                                plot=not args.no_plot, part=part)
+    _print_written(paths)
+    return EXIT_OK
+
+
+def _print_written(paths: Dict[str, Any]) -> None:
     for kind in ("md", "json", "png"):
         if kind in paths:
             print(f"wrote {paths[kind]}")
+
+
+def _merge(bench, args: argparse.Namespace) -> int:
+    """``bench --merge``: the parts' JSON -> the op's usual results files."""
+    ignored = [flag for flag, given in (("--part", args.part is not None), ("--quick", args.quick)) if given]
+    if ignored:
+        print(f"lepton-kernels bench --merge takes no {' or '.join(ignored)}: each part file records its op, "
+              "part and --quick", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        paths = bench.merge(args.merge, args.out or bench.DEFAULT_OUT_DIR, plot=not args.no_plot)
+    except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        print(f"lepton-kernels bench --merge: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _print_written(paths)
+    if not args.no_plot and "png" not in paths:
+        print("lepton-kernels bench --merge: no plot drawn (matplotlib missing, the op has no plot, or no matching "
+              "rows); draw it later with --replot", file=sys.stderr)
     return EXIT_OK
 
 
@@ -491,13 +540,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     from lepton_kernels.bench import DEFAULT_OUT_DIR
 
-    bench = sub.add_parser("bench", help="benchmark an op on this GPU and write benchmarks/results/<op>-<gpu>.*")
+    bench = sub.add_parser(
+        "bench", help="benchmark an op on this GPU and write benchmarks/results/<op>-<gpu>.*",
+        description="Benchmark an op on this GPU and write <op>-<gpu>.md|json|png. A long benchmark can run in "
+                    "parts (--part I/N, one process each, on machines with the same GPU model) whose results "
+                    "--merge joins into the usual files on any machine.")
     bench.add_argument("op", nargs="?", help="the op to benchmark (see --list)")
     bench.add_argument("--list", action="store_true", help="list the ops that have a benchmark")
     bench.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing")
-    bench.add_argument("--out", default=str(DEFAULT_OUT_DIR), metavar="DIR",
-                       help=f"where to write the results (default: {DEFAULT_OUT_DIR}, relative to the current directory)")
+    bench.add_argument("--out", default=None, metavar="DIR",
+                       help=f"where to write the results, also of --merge (default: {DEFAULT_OUT_DIR}, relative to "
+                            "the current directory)")
     bench.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    bench.add_argument("--part", metavar="I/N",
+                       help="run only part I of N (1 <= I <= N) of the op's shape list, split into N contiguous "
+                            "blocks in its order; the ceilings are measured in every part. Writes "
+                            "<op>-<gpu>.partIofN.md|json (no plot). For ops whose benchmark can be split "
+                            "(flash_attention, paged_attention, quant_matmul); N may not exceed the number of "
+                            "shape cases (quant_matmul: 4 N×K shapes, 1 with --quick)")
+    bench.add_argument("--merge", nargs="+", metavar="PART_JSON",
+                       help="join the .partIofN.json files of one op's parts (same op, GPU and --quick; parts "
+                            "1..N each exactly once) into <op>-<gpu>.md|json|png in --out. No GPU needed")
     bench.add_argument("--replot", nargs="+", metavar="JSON",
                        help="draw the PNG of results files written earlier (no GPU needed; needs matplotlib)")
     bench.set_defaults(func=_cmd_bench)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from lepton_kernels import bench
 from lepton_kernels.bench import harness, report
 from lepton_kernels.bench import paged_kv_write as bench_pkw
+from lepton_kernels.bench import quant_matmul as bench_qmm
 from lepton_kernels.bench.harness import Ceilings, Row
 
 
@@ -217,6 +220,232 @@ def test_paged_kv_write_inputs_are_valid_calls():
 
         lepton_kernels.paged_kv_write(s["k"], s["v"], s["k_cache"], s["v_cache"], slots,
                                       k_scale=s["k_scale"], v_scale=s["v_scale"], backend="torch")
+
+
+# -- running in parts --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("length", range(1, 10))
+def test_split_part_puts_every_case_in_one_part_in_order(length):
+    cases = [f"c{j}" for j in range(length)]
+    for n in range(1, length + 1):
+        parts = [harness.split_part(cases, (i, n)) for i in range(1, n + 1)]
+        assert [c for part in parts for c in part] == cases  # contiguous, in order, each once
+        sizes = [len(part) for part in parts]
+        assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+        assert sizes == sorted(sizes, reverse=True)  # the longer blocks come first
+
+
+def test_split_part_refuses_more_parts_than_cases():
+    with pytest.raises(ValueError, match=r"--part 2/4: 3 shape cases cannot be split into 4 parts; N can be at most 3"):
+        harness.split_part([1, 2, 3], (2, 4))
+    with pytest.raises(ValueError, match=r"only --part 1/1 is valid"):
+        harness.split_part(["only"], (1, 2), what="N×K shapes")
+
+
+@pytest.mark.parametrize("text, part", [("1/2", (1, 2)), ("2/2", (2, 2)), (" 3 / 4 ", (3, 4)), ("1/1", (1, 1))])
+def test_parse_part(text, part):
+    assert harness.parse_part(text) == part
+
+
+@pytest.mark.parametrize("text, message", [
+    ("2", "takes I/N"), ("a/b", "takes I/N"), ("1/2/3", "takes I/N"), ("", "takes I/N"), ("-1/2", "takes I/N"),
+    ("0/2", "1 <= I <= N"), ("3/2", "1 <= I <= N"), ("1/0", "1 <= I <= N"),
+])
+def test_parse_part_errors(text, message):
+    with pytest.raises(ValueError, match=message):
+        harness.parse_part(text)
+
+
+def test_check_part_errors():
+    assert harness.check_part((2, 3)) == (2, 3)
+    with pytest.raises(TypeError, match="pair of ints"):
+        harness.check_part((1, 2.0))
+    with pytest.raises(TypeError, match="pair of ints"):
+        harness.check_part("1/2")
+    with pytest.raises(ValueError, match="1 <= i <= n"):
+        harness.check_part((3, 2))
+
+
+def test_harness_part_of_and_record():
+    stub = types.SimpleNamespace(part=(2, 2), part_info=None, log=lambda msg: None)
+    shapes = [(4096, 4096), (6144, 4096), (14336, 4096)]
+    label = bench_qmm.shape_label
+    assert harness.Harness.part_of(stub, shapes, what="N×K shapes", label=label) == [(14336, 4096)]
+    assert stub.part_info == {"index": 2, "count": 2, "what": "N×K shapes", "total_cases": 3,
+                              "cases": ["N=14336 K=4096"]}
+    whole = types.SimpleNamespace(part=None, part_info=None, log=lambda msg: None)
+    assert harness.Harness.part_of(whole, shapes) == shapes and whole.part_info == {}
+
+
+def test_harness_checks_its_part_first():
+    with pytest.raises(ValueError, match="1 <= i <= n"):
+        harness.Harness(part=(3, 2))  # refused before it looks for a GPU
+
+
+def test_ops_that_run_in_parts():
+    assert set(bench.parted_names()) == {"flash_attention", "paged_attention", "quant_matmul"}
+    assert bench.check_part("quant_matmul", (1, 2)) == list(bench_qmm.SHAPES[:2])
+    assert bench.check_part("quant_matmul", (2, 2)) == list(bench_qmm.SHAPES[2:])
+    assert bench.check_part("quant_matmul", (1, 1), quick=True) == list(bench_qmm.QUICK_SHAPES)
+    with pytest.raises(ValueError, match=r"quant_matmul benchmark \(--quick\).*only --part 1/1 is valid"):
+        bench.check_part("quant_matmul", (1, 2), quick=True)
+    with pytest.raises(ValueError, match="N can be at most 4"):
+        bench.check_part("quant_matmul", (1, 5))
+    with pytest.raises(ValueError, match="paged_kv_write benchmark cannot run in parts.*quant_matmul"):
+        bench.check_part("paged_kv_write", (1, 2))
+    # each module's run loops over exactly its PART_CASES: the parts together are the whole run
+    from lepton_kernels.bench import flash_attention as bench_fa
+    from lepton_kernels.bench import paged_attention as bench_pa
+
+    for quick in (False, True):
+        cases = bench_pa.part_cases(quick)
+        decode = bench_pa.QUICK_DECODE_SHAPES if quick else bench_pa.DECODE_SHAPES
+        assert cases == list(decode) + [bench_pa.PREFILL_CASE]
+        n = len(cases)
+        assert [c for i in range(1, n + 1) for c in bench.check_part("paged_attention", (i, n), quick)] == cases
+        assert bench.check_part("flash_attention", (1, 1), quick) == bench_fa.cases(quick)
+    assert bench_pa.case_label((64, 4096)) == "decode B=64 L=4096"
+    assert bench_pa.case_label(bench_pa.PREFILL_CASE).startswith("prefill B=4")
+
+
+def test_quant_matmul_cuda_rows_cover_every_scheme():
+    # cuda rows exist for every scheme (n/a where the compiled kernel lacks it), and their label's
+    # second word is the scheme, which is how the scheme-anchor column finds its anchor
+    assert set(bench_qmm.CUDA_LABELS) == set(bench_qmm.SCHEMES)
+    for scheme, label in bench_qmm.CUDA_LABELS.items():
+        assert label.startswith(bench_qmm.OUR_BACKENDS) and label.split()[1] == scheme
+
+
+def _part(tmp_path, index, count, ceilings, *, op="demo", env=None, quick=False, rows=None, date=None):
+    """A part's results as ``run_benchmark`` writes them, from hand-built rows."""
+    shapes = [{"T": 16 * 4 ** j, "D": 128} for j in range(count)]
+    shape = shapes[index - 1] if rows is None else None
+    if rows is None:
+        rows = [Row(op, "cuda", shape, 4.0 * index, "graph", bytes=8_000_000),
+                Row(op, "anchor: torch copy_", shape, 5.0 * index, "graph", bytes=8_000_000, is_anchor=True)]
+    env = dict(env or ENV, date=date or f"2026-01-0{index} 00:00 UTC")
+    record = {"index": index, "count": count, "what": "shapes", "total_cases": count,
+              "cases": [f"T={shapes[index - 1]['T']}"]}
+    paths = report.write_report(op, harness.finalize_rows(rows, ceilings), ceilings, env, tmp_path,
+                                methods=["graph"], notes=["bytes are made up", f"note of part {index}"],
+                                quick=quick, make_plot=True, plot=report.PlotSpec(x="T"), part=record)
+    return paths["json"]
+
+
+def test_part_report_files(tmp_path):
+    path = _part(tmp_path, 1, 2, CEILINGS)
+    assert path.name == "demo-h200.part1of2.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-h200.part1of2.json", "demo-h200.part1of2.md"]
+    data = report.read_results(path)
+    assert data["part"]["index"] == 1 and data["part"]["count"] == 2 and data["part"]["cases"] == ["T=16"]
+    md = path.with_suffix(".md").read_text()
+    assert md.startswith("# demo on NVIDIA H200, part 1 of 2")
+    assert "**part**: 1 of 2: 1 of 2 shapes (T=16)" in md
+    quick = _part(tmp_path, 1, 1, CEILINGS, quick=True)
+    assert quick.name == "demo-h200-quick.part1of1.json"
+
+
+def test_merge_parts(tmp_path):
+    other = Ceilings(copy_gbps=2000.0, matmul_tflops=700.0, copy_bytes=4 << 30)
+    env2 = dict(ENV, torch="2.12")
+    p1 = _part(tmp_path / "a", 1, 2, CEILINGS)
+    p2 = _part(tmp_path / "b", 2, 2, other, env=env2)
+    paths = bench.merge([p2, p1], tmp_path / "out", plot=False)  # any order
+    assert paths["json"] == tmp_path / "out" / "demo-h200.json" and "png" not in paths
+
+    data = report.read_results(paths["json"])
+    assert "part" not in data and [m["part"]["index"] for m in data["merged_parts"]] == [1, 2]
+    assert data["environment"]["date"] == "2026-01-01 00:00 UTC"  # part 1's header
+    assert data["ceilings"]["copy_gbps"] == 4000.0
+    rows = data["rows"]
+    assert [r["shape"]["T"] for r in rows] == [16, 16, 64, 64]  # part order
+    # each row keeps the % copy of its own part's ceilings: 8 MB in 4 µs = 2000 GB/s, in 8 µs 1000 GB/s
+    assert rows[0]["pct_copy"] == pytest.approx(50.0) and rows[2]["pct_copy"] == pytest.approx(50.0)
+    assert rows[2]["vs_anchor"] == pytest.approx(10.0 / 8.0)
+    assert data["notes"][:3] == ["bytes are made up", "note of part 1", "note of part 2"]
+
+    md = paths["md"].read_text()
+    assert md.startswith("# demo on NVIDIA H200\n")
+    for text in ("ceilings (part 1; see the per-part notes)**: copy 4,000 GB/s", "Joined from 2 parts",
+                 "compare with the ceilings measured in the row's own part",
+                 "computed against its own part's ceilings",
+                 "Part 1 of 2 (T=16): run 2026-01-01 00:00 UTC; ceilings copy 4,000 GB/s, bf16 matmul 800 TFLOP/s.",
+                 "Part 2 of 2 (T=64): run 2026-01-02 00:00 UTC; ceilings copy 2,000 GB/s, bf16 matmul 700 TFLOP/s; "
+                 "unlike part 1: torch 2.12."):
+        assert text in md, text
+    assert len([line for line in md.splitlines() if line.startswith("| ")]) == 1 + 4
+
+    # the merged file reads back as an ordinary results file, and replots
+    spec = report.PlotSpec(x="T")
+    if report._matplotlib() is not None:
+        assert report.replot_results(paths["json"], spec) == tmp_path / "out" / "demo-h200.png"
+
+
+def test_merge_errors(tmp_path):
+    p1 = _part(tmp_path / "a", 1, 3, CEILINGS)
+    p2 = _part(tmp_path / "b", 2, 3, CEILINGS)
+    p3 = _part(tmp_path / "c", 3, 3, CEILINGS)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"missing part\(s\) 2/3"):
+        bench.merge([p1, p3], out)
+    with pytest.raises(ValueError, match=r"part 1/3 given more than once: demo-h200.part1of3.json, "
+                                         r"demo-h200.part1of3.json"):
+        bench.merge([p1, p1, p2, p3], out)
+    with pytest.raises(ValueError, match="parts of different splits"):
+        bench.merge([p1, _part(tmp_path / "d", 2, 2, CEILINGS)], out)
+    with pytest.raises(ValueError, match="different ops"):
+        bench.merge([p1, p2, _part(tmp_path / "e", 3, 3, CEILINGS, op="other")], out)
+    with pytest.raises(ValueError, match="different GPUs: .*NVIDIA H100"):
+        bench.merge([p1, p2, _part(tmp_path / "f", 3, 3, CEILINGS, env=dict(ENV, gpu="NVIDIA H100"))], out)
+    with pytest.raises(ValueError, match="different quick flags"):
+        bench.merge([p1, p2, _part(tmp_path / "g", 3, 3, CEILINGS, quick=True)], out)
+    whole = report.write_report("demo", harness.finalize_rows(_synthetic_rows(), CEILINGS), CEILINGS, ENV,
+                                tmp_path / "h", make_plot=False)["json"]
+    with pytest.raises(ValueError, match="not part results .*demo-h200.json"):
+        bench.merge([p1, whole], out)
+    with pytest.raises(ValueError, match="no part files"):
+        report.merge_parts([])
+    assert not out.exists()
+
+
+def test_run_benchmark_in_parts_without_a_gpu(tmp_path, monkeypatch):
+    """run_benchmark's part logic end to end, with a stand-in harness and op module."""
+
+    class StubHarness:
+        part_of = harness.Harness.part_of
+
+        def __init__(self, *, quick=False, log=None, part=None):
+            self.part, self.part_info, self.notes, self.methods_used = part, None, [], ["events"]
+
+        def log(self, msg):
+            pass
+
+        def environment(self):
+            return dict(ENV)
+
+        def measure_ceilings(self):
+            return CEILINGS
+
+    def run(h, quick):
+        return [Row("stub", "torch", {"T": t}, 2.0, "events", bytes=1000) for t in h.part_of([1, 2, 3], what="Ts")]
+
+    module = types.ModuleType("lepton_kernels.bench._stub_op")
+    module.run, module.PART_CASES = run, lambda quick: [1, 2, 3]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(bench.BENCHMARKS, "stub", module.__name__)
+    monkeypatch.setattr(harness, "Harness", StubHarness)
+
+    parts = [bench.run_benchmark("stub", out_dir=tmp_path, part=(i, 2))["json"] for i in (1, 2)]
+    assert [p.name for p in parts] == ["stub-h200.part1of2.json", "stub-h200.part2of2.json"]
+    assert [r["shape"]["T"] for r in report.read_results(parts[0])["rows"]] == [1, 2]
+    merged = report.read_results(bench.merge(parts, tmp_path / "out")["json"])
+    assert [r["shape"]["T"] for r in merged["rows"]] == [1, 2, 3]
+
+    with pytest.raises(ValueError, match="N can be at most 3"):
+        bench.run_benchmark("stub", out_dir=tmp_path, part=(1, 4))
+    module.run = lambda h, quick: []  # declares PART_CASES but never asks for its part
+    with pytest.raises(RuntimeError, match="never called harness.part_of"):
+        bench.run_benchmark("stub", out_dir=tmp_path, part=(1, 2))
 
 
 @pytest.mark.gpu

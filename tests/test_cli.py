@@ -206,3 +206,81 @@ def test_bench_replot_draws_from_a_results_json(tmp_path, capsys):
         assert code == 1 and "not drawn" in capsys.readouterr().err
     else:
         assert code == 0 and (tmp_path / "paged_kv_write-h100.png").stat().st_size > 0
+
+
+# -- bench in parts -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["quant_matmul", "--part", "3/2"], "1 <= I <= N"),
+    (["quant_matmul", "--part", "half"], "--part takes I/N"),
+    (["quant_matmul", "--part", "1/5"], "N can be at most 4"),
+    (["quant_matmul", "--quick", "--part", "1/2"], "only --part 1/1 is valid"),
+    (["paged_kv_write", "--part", "1/2"], "paged_kv_write benchmark cannot run in parts"),
+    (["quant_matmul", "--merge", "x.json"], "not --merge and an op"),
+    (["--merge", "x.json", "--replot", "y.json"], "not --replot and --merge"),
+    (["--merge", "x.json", "--part", "1/2"], "--merge takes no --part"),
+])
+def test_bench_part_usage_errors_exit_2_before_any_gpu_work(argv, message, tmp_path, capsys):
+    assert cli.main(["bench", *argv, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_bench_part_help_names_the_ops_that_run_in_parts(capsys):
+    from lepton_kernels import bench
+
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ", ".join(bench.parted_names()) in text and "--merge" in text
+
+
+def _quant_part(tmp_path, index, count, copy_gbps):
+    """A quant_matmul part file as a GPU run writes it (hand-built rows)."""
+    from lepton_kernels.bench import report
+    from lepton_kernels.bench import quant_matmul as bench_qmm
+    from lepton_kernels.bench.harness import Ceilings, Row, finalize_rows, part_record
+
+    shapes = bench_qmm.SHAPES
+    record = part_record(shapes, (index, count), what=bench_qmm.PART_WHAT, label=bench_qmm.shape_label)
+    rows = []
+    for n, k in shapes[(index - 1) * len(shapes) // count:index * len(shapes) // count]:
+        for m in (1, 16):
+            shape = {"N": n, "K": k, "M": m}
+            rows += [Row("quant_matmul", bench_qmm.ANCHOR_CUBLAS, shape, 40.0, "graph", bytes=2 * n * k,
+                         is_anchor=True),
+                     Row("quant_matmul", bench_qmm.LABELS["w4a16"], shape, 12.0, "graph", bytes=n * k // 2)]
+    ceilings = Ceilings(copy_gbps=copy_gbps, matmul_tflops=800.0, copy_bytes=4 << 30)
+    env = {"gpu": "NVIDIA H100 80GB HBM3", "gpu_slug": "h100", "date": f"2026-02-0{index} 10:00 UTC"}
+    return report.write_report("quant_matmul", finalize_rows(rows, ceilings), ceilings, env, tmp_path,
+                               notes=bench_qmm.NOTES, part=record)["json"]
+
+
+def test_bench_merge_writes_the_usual_results_and_replots(tmp_path, capsys):
+    from lepton_kernels.bench import report
+
+    parts = [_quant_part(tmp_path / "parts", i, 2, 3000.0 + i) for i in (1, 2)]
+    assert [p.name for p in parts] == ["quant_matmul-h100.part1of2.json", "quant_matmul-h100.part2of2.json"]
+    out = tmp_path / "results"
+    assert cli.main(["bench", "--merge", *map(str, parts), "--out", str(out), "--no-plot"]) == 0
+    assert f"wrote {out / 'quant_matmul-h100.json'}" in capsys.readouterr().out
+    data = report.read_results(out / "quant_matmul-h100.json")
+    assert [(r["shape"]["N"], r["shape"]["K"]) for r in data["rows"][::4]] == [(4096, 4096), (6144, 4096),
+                                                                            (14336, 4096), (4096, 14336)]
+    assert not (out / "quant_matmul-h100.png").exists()
+    code = cli.main(["bench", "--replot", str(out / "quant_matmul-h100.json")])
+    if report._matplotlib() is None:
+        assert code == 1
+    else:
+        assert code == 0 and (out / "quant_matmul-h100.png").stat().st_size > 0
+
+
+def test_bench_merge_errors_exit_2(tmp_path, capsys):
+    part1 = _quant_part(tmp_path, 1, 2, 3000.0)
+    assert cli.main(["bench", "--merge", str(part1), "--out", str(tmp_path / "out")]) == 2
+    assert "missing part(s) 2/2" in capsys.readouterr().err
+    assert cli.main(["bench", "--merge", str(tmp_path / "nothing.json"), "--out", str(tmp_path / "out")]) == 2
+    assert "nothing.json" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{not json")
+    assert cli.main(["bench", "--merge", str(tmp_path / "bad.json"), "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()

@@ -285,9 +285,18 @@ def _na_row(label: str, case: Case, exc: BaseException) -> Row:
 
 # -- run --------------------------------------------------------------------------------------------
 
+def case_label(case: Case) -> str:
+    return ", ".join(f"{k}={v}" for k, v in case.shape().items())
+
+
+# A part of the run (--part I/N) is a contiguous block of cases().
+PART_CASES = cases
+PART_WHAT = "cases"
+
+
 def run(harness: Harness, quick: bool = False) -> List[Row]:
     rows: List[Row] = []
-    for case in cases(quick):
+    for case in harness.part_of(cases(quick), what=PART_WHAT, label=case_label):
         n_sets = harness.rotation_sets(case.touched_bytes())
         harness.log(f"  {case.shape()}: {n_sets} input set(s)")
         sets = [make_set(case, harness.device) for _ in range(n_sets)]

@@ -16,6 +16,10 @@ report their bandwidth and arithmetic rate against them, and their speed against
 (an established implementation of the same work) of the same shape.
 
 Hardware facts (L2 size, SM count) are read from the device, never assumed.
+
+A long benchmark can run in parts (``Harness(part=(i, n))``, ``lepton-kernels bench <op> --part
+I/N``): the op's module passes its list of shape cases through ``Harness.part_of``, which keeps
+the i-th of n contiguous blocks of it; ``lepton-kernels bench --merge`` joins the parts' results.
 """
 from __future__ import annotations
 
@@ -29,9 +33,11 @@ import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 # Rotated input sets together span this many times the L2, so no run finds its inputs cached.
 ROTATION_L2_FACTOR = 3
@@ -236,6 +242,56 @@ def _have_triton() -> bool:
     except ImportError:
         return False
     return True
+
+
+# --------------------------------------------------------------------------------------------
+# Running in parts
+
+
+def check_part(part: Any) -> Tuple[int, int]:
+    """``part`` as ``(i, n)``: part ``i`` of ``n``, 1 <= i <= n."""
+    if (not isinstance(part, (tuple, list)) or len(part) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in part)):
+        raise TypeError(f"part must be a pair of ints (i, n), got {part!r}")
+    i, n = part
+    if n < 1 or not 1 <= i <= n:
+        raise ValueError(f"part must be (i, n) with 1 <= i <= n, got {i}/{n}")
+    return i, n
+
+
+def parse_part(text: str) -> Tuple[int, int]:
+    """``"I/N"`` (e.g. ``"2/3"``) -> ``(2, 3)``; ValueError saying what is wrong otherwise."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if match is None:
+        raise ValueError(f"--part takes I/N, e.g. 1/2 (part 1 of 2), got {text!r}")
+    i, n = int(match.group(1)), int(match.group(2))
+    if n < 1 or not 1 <= i <= n:
+        raise ValueError(f"--part I/N needs 1 <= I <= N, got {i}/{n}")
+    return i, n
+
+
+def split_part(cases: Sequence[T], part: Tuple[int, int], *, what: str = "shape cases") -> List[T]:
+    """Part ``i`` of ``n`` of ``cases``: contiguous blocks in the listed order, the first
+    ``len % n`` blocks one case longer. Every case lands in exactly one part; an empty part is
+    refused, so ``n`` may not exceed the number of cases."""
+    i, n = check_part(part)
+    cases = list(cases)
+    if n > len(cases):
+        only = " (only --part 1/1 is valid)" if len(cases) == 1 else ""
+        raise ValueError(f"--part {i}/{n}: {len(cases)} {what} cannot be split into {n} parts; N can be at most "
+                         f"{len(cases)}{only}")
+    size, longer = divmod(len(cases), n)
+    start = (i - 1) * size + min(i - 1, longer)
+    return cases[start:start + size + (1 if i <= longer else 0)]
+
+
+def part_record(cases: Sequence[Any], part: Tuple[int, int], *, what: str = "shape cases",
+                label: Callable[[Any], str] = str) -> Dict[str, Any]:
+    """What a part's results file says about the part: which of how many, and its cases."""
+    i, n = check_part(part)
+    chosen = split_part(cases, part, what=what)
+    return {"index": i, "count": n, "what": what, "total_cases": len(cases),
+            "cases": [label(c) for c in chosen]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,10 +578,16 @@ class Harness:
 
     Each op's benchmark module gets one and calls ``time`` for every (backend, shape); the
     runner (``lepton_kernels.bench.run``) measures the ceilings first and writes the report.
+    With ``part=(i, n)`` the module's ``run`` times only the cases ``part_of`` hands it.
     """
 
     def __init__(self, device: Optional[torch.device] = None, *, quick: bool = False, warmup_ms: float = 25.0,
-                 rep_ms: Optional[float] = None, log: Optional[Callable[[str], None]] = None):
+                 rep_ms: Optional[float] = None, log: Optional[Callable[[str], None]] = None,
+                 part: Optional[Tuple[int, int]] = None):
+        self.part = check_part(part) if part is not None else None
+        # what part_of chose (None until it is called): the runner refuses a part run whose
+        # module never asked, rather than report the whole grid as one part
+        self.part_info: Optional[Dict[str, Any]] = None
         if not torch.cuda.is_available():
             raise RuntimeError("benchmarks need a CUDA GPU, and torch sees none")
         self.device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
@@ -551,6 +613,19 @@ class Harness:
         """A sentence for the report (e.g. a backend skipped and why)."""
         if msg not in self.notes:
             self.notes.append(msg)
+
+    def part_of(self, cases: Sequence[T], *, what: str = "shape cases",
+                label: Callable[[Any], str] = str) -> List[T]:
+        """This run's share of ``cases`` (all of them without a part): see ``split_part``.
+        ``what`` names the cases in messages, ``label`` describes one in the results file."""
+        if self.part is None:
+            self.part_info = {}
+            return list(cases)
+        self.part_info = part_record(cases, self.part, what=what, label=label)
+        chosen = split_part(cases, self.part, what=what)
+        self.log(f"part {self.part[0]}/{self.part[1]}: {len(chosen)} of {len(cases)} {what}: "
+                 + ", ".join(self.part_info["cases"]))
+        return chosen
 
     def measure_ceilings(self) -> Ceilings:
         self.log("measuring ceilings: device-to-device copy, bf16 matmul 8192^3 ...")

@@ -432,9 +432,31 @@ def _prefill_case(harness: Harness, quick: bool) -> List[Row]:
 
 # -- run --------------------------------------------------------------------------------------------
 
+PREFILL_CASE = "prefill"
+
+
+def part_cases(quick: bool) -> List[Any]:
+    """What ``run`` loops over, in order: the decode shapes (B, L), then the prefill batch."""
+    return list(QUICK_DECODE_SHAPES if quick else DECODE_SHAPES) + [PREFILL_CASE]
+
+
+def case_label(case: Any) -> str:
+    if case == PREFILL_CASE:
+        return "prefill B={batch} cached={cached} new={new}".format(**PREFILL)
+    return f"decode B={case[0]} L={case[1]}"
+
+
+# A part of the run (--part I/N) is a contiguous block of part_cases.
+PART_CASES = part_cases
+PART_WHAT = "decode shapes and prefill case"
+
+
 def run(harness: Harness, quick: bool = False) -> List[Row]:
     rows: List[Row] = []
-    for batch, seq_len in (QUICK_DECODE_SHAPES if quick else DECODE_SHAPES):
-        rows += _decode_case(harness, batch, seq_len, with_fp8=(batch, seq_len) == FP8_SHAPE, quick=quick)
-    rows += _prefill_case(harness, quick)
+    for case in harness.part_of(part_cases(quick), what=PART_WHAT, label=case_label):
+        if case == PREFILL_CASE:
+            rows += _prefill_case(harness, quick)
+        else:
+            batch, seq_len = case
+            rows += _decode_case(harness, batch, seq_len, with_fp8=(batch, seq_len) == FP8_SHAPE, quick=quick)
     return rows

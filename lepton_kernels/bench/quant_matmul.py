@@ -1,5 +1,5 @@
-"""Benchmark of ``quant_matmul``: the Triton kernels of each scheme, and the compiled CUDA kernel of
-the weight-only schemes at M <= 16, against cuBLAS bf16 and the scheme's own PyTorch anchor.
+"""Benchmark of ``quant_matmul``: the Triton kernels of each scheme, and the compiled CUDA kernel at
+M <= 16, against cuBLAS bf16 and the scheme's own PyTorch anchor.
 
 Shapes: bf16 activations ``x [M, K]``, weights ``N x K`` in {4096x4096, 6144x4096, 14336x4096,
 4096x14336}, M in {1, 2, 4, ..., 4096} (quick: 14336x4096 with M in {1, 16, 256, 4096}).
@@ -12,11 +12,15 @@ fp8 (e4m3, per-token activations). Anchors, each timed in the same run and repor
 * ``torch._int_mm`` plus its per-token x per-channel scaling for w8a8;
 * ``torch._scaled_mm`` with row-wise scales for fp8.
 
-w8a16 has no PyTorch anchor (``aten._weight_int8pack_mm`` is not a usable CUDA path). At
-M = 1 and 16 on two shapes the rows also show the w4a16 kernel with its portable dequantizer
-(no inline PTX); from M = 256 on, the weight-only scheme's other large-M path (fused
-dequant-GEMM or dequantize-then-cuBLAS, whichever the heuristic did not pick), so the crossover
-can be read off.
+w8a16 has no PyTorch anchor (``aten._weight_int8pack_mm`` is not a usable CUDA path). The
+``cuda`` rows (M <= 16) cover every scheme; a scheme the compiled kernel does not serve gets an
+"n/a: <reason>" row. At M = 1 and 16 on two shapes the rows also show the w4a16 kernel with its
+portable dequantizer (no inline PTX); from M = 256 on, the weight-only scheme's other large-M
+path (fused dequant-GEMM or dequantize-then-cuBLAS, whichever the heuristic did not pick), so
+the crossover can be read off.
+
+The full grid runs in parts (``lepton-kernels bench quant_matmul --part I/N``), split over the
+N x K shapes (``PART_CASES``): each part builds its own weights, so no state crosses parts.
 """
 from __future__ import annotations
 
@@ -45,8 +49,10 @@ GRAPH_MAX_M = 256
 
 LABELS = {"w4a16": f"triton w4a16 g{GROUP_SIZE}", "w8a16": "triton w8a16", "w8a8": "triton w8a8",
           "fp8": "triton fp8"}
-# The compiled kernel: weight-only schemes, M <= CUDA_MAX_M (lepton_kernels.cuda.quant_matmul.MAX_M).
-CUDA_LABELS = {"w4a16": f"cuda w4a16 g{GROUP_SIZE}", "w8a16": "cuda w8a16"}
+# The compiled kernel at M <= CUDA_MAX_M (lepton_kernels.cuda.quant_matmul.MAX_M): every scheme is
+# tried, so its rows appear as the kernel learns a scheme; until then the row is "n/a: <reason>".
+CUDA_LABELS = {"w4a16": f"cuda w4a16 g{GROUP_SIZE}", "w8a16": "cuda w8a16", "w8a8": "cuda w8a8",
+               "fp8": "cuda fp8"}
 CUDA_MAX_M = 16
 OUR_BACKENDS = ("triton", "cuda")
 ANCHOR_CUBLAS = "anchor: cuBLAS bf16"
@@ -60,13 +66,15 @@ NOTES = [
     "Bytes counted (GB/s, % copy): the weight's bytes only — packed values + scales (bf16: N·K·2; w4a16: "
     "N·K/2 + 2·N·K/128; w8a16: N·K + 2·N; w8a8/fp8: N·K + 4·N). That is the floor-setting traffic at small M; "
     "at large M read TFLOP/s.",
-    "Our rows time the public op (`quant_matmul(x, qw, backend=\"triton\")`, and `backend=\"cuda\"` for the "
-    f"`cuda` rows of w4a16/w8a16 at M <= {CUDA_MAX_M}), including the per-token "
-    "activation quantization of w8a8/fp8 (a second kernel). The `torch._int_mm` and `torch._scaled_mm` "
+    "Our rows time the public op: `quant_matmul(x, qw, backend=\"triton\")` for the `triton` rows, and "
+    f"`backend=\"cuda\"` (the compiled kernel) for the `cuda` rows of every scheme at M <= {CUDA_MAX_M}; a "
+    "scheme the compiled kernel does not serve shows its reason as an `n/a` row. The w8a8/fp8 rows of either "
+    "backend include the per-token activation quantization. The `torch._int_mm` and `torch._scaled_mm` "
     "anchors get already-quantized activations (GEMM + scaling only); `_scaled_mm` runs with "
     "use_fast_accum=False, its default (our fp8 kernel also adds each 128-deep step into fp32).",
-    f"*vs anchor* compares with `{ANCHOR_CUBLAS}`; `{SCHEME_COLUMN}` with the scheme's own anchor (tinygemm "
-    "for w4a16, torch._int_mm for w8a8, torch._scaled_mm for fp8); above 1: ours is faster.",
+    f"*vs anchor* compares with `{ANCHOR_CUBLAS}`; `{SCHEME_COLUMN}` (triton and cuda rows alike) with the "
+    "scheme's own anchor (tinygemm for w4a16, torch._int_mm for w8a8, torch._scaled_mm for fp8); above 1: ours "
+    "is faster.",
     "`[portable dequant]`: the w4a16 kernel with the float32 shift/mask dequantizer instead of the inline-PTX "
     "one (the default on NVIDIA GPUs). `[fused]` / `[dequant+cuBLAS]`: the weight-only path the heuristic did "
     "not pick at that M (it dequantizes once and calls cuBLAS from M = "
@@ -112,6 +120,15 @@ def shapes(quick: bool) -> Tuple[Tuple[int, int], ...]:
 
 def ms(quick: bool) -> Tuple[int, ...]:
     return QUICK_MS if quick else MS
+
+
+# A part of the grid (--part I/N) is a contiguous block of the N x K shapes, all M values each.
+PART_CASES = shapes
+PART_WHAT = "N×K shapes"
+
+
+def shape_label(shape: Tuple[int, int]) -> str:
+    return f"N={shape[0]} K={shape[1]}"
 
 
 # -- inputs -----------------------------------------------------------------------------------------
@@ -256,7 +273,7 @@ def _try_row(harness: Harness, rows: List[Row], label: str, case: Case, build: C
 
 def run(harness: Harness, quick: bool = False) -> List[Row]:
     rows: List[Row] = []
-    for n, k in shapes(quick):
+    for n, k in harness.part_of(shapes(quick), what=PART_WHAT, label=shape_label):
         harness.log(f"  N={n} K={k}: building weights")
         weights = _weights(harness, n, k)
         try:
