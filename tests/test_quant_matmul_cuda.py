@@ -1,13 +1,15 @@
-"""The compiled weight-only quant_matmul (w4a16, w8a16; M <= 16) against float64 references.
+"""The compiled quant_matmul GEMV (w4a16, w8a16, w8a8, fp8; M <= 16) against the references.
 
-CPU: ``supports`` (its reasons, on CPU and meta tensors), the block-plan heuristic, and that
-"auto" never picks the compiled backend for what it declines. GPU (``-m gpu``): every scheme,
-group size, symmetry, activation and scale dtype, M from 1 to 16, odd N, K tails, bias,
-act-order, strided and misaligned x, forced split-K plans, poisoned buffers, determinism, CUDA
-graphs and torch.compile.
+CPU: ``supports`` (its reasons, on CPU and meta tensors), the block-plan heuristic, the w8a8/fp8
+launch sequence, and that "auto" never picks the compiled backend for what it declines. GPU
+(``-m gpu``): every scheme, group size, symmetry, activation and scale dtype, M from 1 to 16,
+odd N, K tails, bias, act-order, strided and misaligned x, forced split-K plans, poisoned
+buffers, determinism, CUDA graphs and torch.compile; for w8a8 and fp8 also the activation
+quantization bit for bit and the programmatic dependent launch on and off.
 """
 from __future__ import annotations
 
+import dataclasses
 import types
 import weakref
 
@@ -20,11 +22,15 @@ from lepton_kernels import cuda as compiled
 from lepton_kernels.cuda import quant_matmul as cq
 from lepton_kernels.ops.quant_matmul import OP, quant_matmul
 from lepton_kernels.quant.weight import QuantizedWeight, quantize_weight
+from lepton_kernels.reference.quant_matmul import quantize_rows_fp8, quantize_rows_int8
 
 from ._utils import poisoned
 
 CUDA_OK = torch.cuda.is_available() and compiled.unavailable_reason(torch.device("cuda")) is None
 needs_kernel = pytest.mark.skipif(not CUDA_OK, reason="the compiled CUDA kernels cannot run here")
+FP8_OK = CUDA_OK and torch.cuda.get_device_capability() >= (8, 9)
+DYNAMIC = [pytest.param("w8a8"),
+           pytest.param("fp8", marks=pytest.mark.skipif(not FP8_OK, reason="e4m3 needs compute capability 8.9+"))]
 
 W4 = [(32, True), (32, False), (64, True), (64, False), (128, True), (128, False), (-1, True), (-1, False)]
 SCHEMES = [("w4a16", g, sym) for g, sym in W4] + [("w8a16", -1, True)]
@@ -78,10 +84,10 @@ def test_supports_accepts_weight_only(device):
 
 def test_supports_reasons():
     x = torch.randn(4, 256, dtype=torch.float16)
-    for scheme in ("w8a8", "fp8"):
-        qw = _qw(64, 256, scheme, device="cpu")
-        assert "weight-only schemes w4a16 and w8a16" in cq.supports(*_args(x, qw))
     qw = _qw(64, 256, "w4a16", 64, device="cpu")
+    args = list(_args(x, qw))
+    args[6] = "w2a16"
+    assert "serves the schemes w4a16, w8a16, w8a8, fp8, not w2a16" in cq.supports(*args)
     args = list(_args(x, qw))
     args[7] = "rowmajor"
     assert "'int4_k8' layout, got 'rowmajor'" in cq.supports(*args)
@@ -171,7 +177,7 @@ def test_split_k_buffers_outlive_the_launch(monkeypatch):
     plan = cq.Plan(warps_n=1, row_tiles=2, splits=3, steps_per_split=1)
     counters = torch.zeros(cq.COUNTERS_MIN, dtype=torch.int32)
     monkeypatch.setattr(cq, "_empty", fake_empty)
-    monkeypatch.setattr(cq, "_plan", lambda *args: plan)
+    monkeypatch.setattr(cq, "_plan", lambda *args, **kwargs: plan)
     monkeypatch.setattr(cq, "_counters", lambda device, count: counters)
     monkeypatch.setattr(cq, "current_stream", lambda device: 0)
     monkeypatch.setattr(cq, "_C", types.SimpleNamespace(quant_gemv=fake_launch))
@@ -179,6 +185,106 @@ def test_split_k_buffers_outlive_the_launch(monkeypatch):
     cq.quant_matmul(*_args(torch.randn(2, 384, dtype=torch.float16), qw))
     assert len(live) == 2 and seen["alive"]
     assert seen["workspace"] != 0 and seen["counters"] == counters.data_ptr()
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_supports_accepts_dynamic_schemes(device):
+    for scheme in ("w8a8", "fp8"):
+        qw = _qw(96, 272, scheme, device="cpu").to(device)
+        for dtype in DTYPES:
+            for m in (1, 9, 16):
+                assert cq.supports(*_args(torch.empty(m, 272, dtype=dtype, device=device), qw)) is None
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "fp8"])
+def test_supports_dynamic_reasons(scheme):
+    qw = _qw(64, 256, scheme, device="cpu").to("meta")
+    reason = cq.supports(*_args(torch.empty(17, 256, dtype=torch.bfloat16, device="meta"), qw))
+    assert "up to 16 tokens" in reason and "got 17" in reason
+    qw24 = _qw(32, 24, scheme, device="cpu").to("meta")
+    x24 = torch.empty(2, 24, dtype=torch.float16, device="meta")
+    assert f"CUDA {scheme} kernel reads 16 input channels" in cq.supports(*_args(x24, qw24))
+    assert "K % 16 == 0, got K=24" in cq.supports(*_args(x24, qw24))
+    x = torch.empty(2, 256, dtype=torch.float16, device="meta")
+    args = list(_args(x, qw))
+    args[7] = "int4_k8"
+    assert "'rowmajor' layout, got 'int4_k8'" in cq.supports(*args)
+    assert "got torch.float32" in cq.supports(*_args(x.float(), qw))
+
+
+def test_supports_fp8_needs_sm89(monkeypatch):
+    """fp8 converts e4m3 with sm_89 instructions: a CUDA x on an older GPU gets the reason (w8a8
+    runs on any GPU the extension serves)."""
+    capability = {"now": (8, 0)}
+    monkeypatch.setattr(cq, "current_capability", lambda device: capability["now"])
+    fake_cuda_x = types.SimpleNamespace(dtype=torch.bfloat16, shape=(4, 256), device=torch.device("cuda", 0))
+    for scheme in ("fp8", "w8a8"):
+        qw = _qw(64, 256, scheme, device="cpu")
+        args = list(_args(torch.empty(4, 256), qw))
+        args[0] = fake_cuda_x
+        reason = cq.supports(*args)
+        if scheme == "w8a8":
+            assert reason is None
+        else:
+            assert "compute capability 8.9 or newer" in reason and "8.0" in reason
+    capability["now"] = (9, 0)
+    assert cq.supports(*args) is None
+
+
+def test_dynamic_plan_is_the_int8_plan():
+    for m, n, k in ((1, 14336, 4096), (16, 4096, 14336), (3, 200, 1040)):
+        plan = cq.choose_plan(m, n, k, False, 132, pdl=True)
+        assert plan.pdl and plan.l2_steps == cq.L2_STEPS
+        assert dataclasses.replace(plan, pdl=False, l2_steps=0) == cq.choose_plan(m, n, k, False, 132)
+    assert cq.choose_plan(1, 4096, 4096, False, 132, pdl=True, l2_steps=0).l2_steps == 0
+    previous = cq.set_plan_overrides(pdl=False, l2_steps=2)
+    try:
+        plan = cq.choose_plan(1, 4096, 4096, False, 132, **cq._OVERRIDES)
+        assert not plan.pdl and plan.l2_steps == 2
+    finally:
+        cq.set_plan_overrides(**previous)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "fp8"])
+def test_dynamic_launch_sequence(monkeypatch, scheme):
+    """w8a8/fp8: every buffer is allocated before the two launches (so the GEMV directly follows
+    the quantization on the stream: its programmatic dependency), the GEMV reads the quantized
+    float16 rows and their scales, and every buffer is still alive when it is enqueued."""
+    live, events = [], []
+
+    def fake_empty(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype)
+        live.append(weakref.ref(t))
+        events.append(("alloc", dtype))
+        return t
+
+    def fake_quantize_rows(x, x_stride, dtype, xq, scales, m, k, fp8, stream):
+        events.append(("quantize_rows", xq, scales, fp8))
+
+    def fake_gemv(*args):
+        events.append(("quant_gemv", args[0], args[-4], args[-3], args[-2], args[22], args[-1]))
+        seen["alive"] = all(ref() is not None for ref in live)
+
+    seen = {}
+    plan = cq.Plan(warps_n=1, row_tiles=4, splits=2, steps_per_split=2, pdl=True, l2_steps=3)
+    counters = torch.zeros(cq.COUNTERS_MIN, dtype=torch.int32)
+    monkeypatch.setattr(cq, "_empty", fake_empty)
+    monkeypatch.setattr(cq, "_plan", lambda *args, **kwargs: plan)
+    monkeypatch.setattr(cq, "_counters", lambda device, count: counters)
+    monkeypatch.setattr(cq, "current_stream", lambda device: 0)
+    monkeypatch.setattr(cq, "_C", types.SimpleNamespace(quant_gemv=fake_gemv, quantize_rows=fake_quantize_rows))
+    qw = _qw(96, 512, scheme, device="cpu")
+    cq.quant_matmul(*_args(torch.randn(3, 512, dtype=torch.bfloat16), qw))
+    kinds = [e[0] for e in events]
+    assert kinds == ["alloc"] * 4 + ["quantize_rows", "quant_gemv"], kinds
+    assert sorted(str(e[1]) for e in events[:4]) == sorted(["torch.bfloat16", "torch.float32", "torch.float16",
+                                                            "torch.float32"])
+    _, xq, scales, fp8 = events[4]
+    _, x_ptr, x_scales, gemv_fp8, pdl, dtype_code, l2_steps = events[5]
+    assert x_ptr == xq and x_scales == scales and fp8 == gemv_fp8 == (scheme == "fp8") and pdl
+    assert l2_steps == plan.l2_steps
+    assert dtype_code == compiled.DTYPE_CODES[torch.bfloat16]  # the output's dtype
+    assert seen["alive"]
 
 
 # -- GPU ---------------------------------------------------------------------------------------------
@@ -391,9 +497,12 @@ def test_auto_picks_cuda_up_to_16_tokens():
     for m, want in ((1, "cuda"), (16, "cuda"), (17, "triton")):
         x = torch.randn(m, 512, device="cuda", dtype=torch.float16)
         assert _backends.select(OP, "auto", *_args(x, qw)).backend == want
-    w8a8 = _qw(256, 512, "w8a8")
     x = torch.randn(1, 512, device="cuda", dtype=torch.float16)
-    assert _backends.select(OP, "auto", *_args(x, w8a8)).backend == "triton"
+    for scheme in ("w8a8", "fp8") if FP8_OK else ("w8a8",):
+        dynamic = _qw(256, 512, scheme)
+        for m, want in ((1, "cuda"), (16, "cuda"), (17, "triton")):
+            xm = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+            assert _backends.select(OP, "auto", *_args(xm, dynamic)).backend == want, (scheme, m)
     # Weights with rows that are not 16-byte aligned: "auto" moves on, "cuda" says why.
     packed = torch.zeros(256, 65, dtype=torch.int32, device="cuda")[:, :64]
     view = QuantizedWeight(packed, qw.scales, None, scheme="w4a16", group_size=128, shape=(256, 512),
@@ -494,3 +603,201 @@ def test_auto_leaves_larger_w8a16_batches_to_triton(monkeypatch):
     qw4 = quantize_weight(torch.randn(64, 256), "w4a16", group_size=128)
     assert qm_op._cuda_auto_supports(torch.randn(16, 256), qw4.packed, qw4.scales, None, None, None, "w4a16",
                                      qw4.layout, 128, 64, 256) is None
+
+
+# -- GPU: w8a8 and fp8 (activations quantized per token) ---------------------------------------------
+
+def _check_dynamic(out, x, qw, bias=None):
+    """w8a8/fp8 against the torch backend, which quantizes x as the kernel does (bit for bit:
+    test_quantize_rows_bit_for_bit), so the two differ only by
+    * their fp32 sums of exact products: the kernel's tensor cores (which may truncate) and
+      reductions, and for fp8 the reference's fp32 matmul; each within gamma_K = K * 2^-23 of
+      sum_k |xq wq| (u = 2^-23 covers truncation), scaled by s_x * s_w: K * 2^-22 * mag together;
+    * a few fp32 roundings in scaling and adding the bias: 2^-20 * (|exact| + |bias|);
+    * one rounding of each to the output dtype: one ulp of the larger, at most eps * |value|
+      (plus fp16's smallest subnormal).
+    That bound is loose at large K (mag / |exact| ~ sqrt(K)); the mean error must also stay
+    below one ulp (the output rounding alone averages about a quarter), which a lost piece of K
+    or a wrong k order would break at once."""
+    dtype = x.dtype
+    assert out.dtype == dtype and out.shape == (x.shape[0], qw.n)
+    assert not out.isnan().any(), "NaN in the output (unwritten elements?)"
+    ref = quant_matmul(x, qw, bias, backend="torch")
+    xq, sx = (quantize_rows_fp8 if qw.scheme == "fp8" else quantize_rows_int8)(x)
+    xq = xq.to(torch.float32).double()  # (float8 converts to float32 everywhere)
+    wq = qw.packed.to(torch.float32).double()
+    scale = sx.double() * qw.scales.double().t()
+    exact = (xq @ wq.t()) * scale
+    mag = (xq.abs() @ wq.abs().t()) * scale
+    bias_abs = 0.0
+    if bias is not None:
+        exact = exact + bias.double()
+        bias_abs = bias.double().abs()
+    eps = 2.0 ** -10 if dtype == torch.float16 else 2.0 ** -7
+    k = x.shape[1]
+    tol = (eps * torch.maximum(out.double().abs(), ref.double().abs()) + k * 2.0 ** -22 * mag
+           + 2.0 ** -20 * (exact.abs() + bias_abs) + 2.0 ** -24)
+    diff = (out.double() - ref.double()).abs()
+    bad = diff > tol
+    assert not bad.any(), (f"{int(bad.sum())} of {bad.numel()} outputs past the bound; worst "
+                           f"{(diff / tol).max().item():.3g}x of it")
+    rel = ((out.double() - exact).abs().mean() / exact.abs().mean()).item()
+    assert rel < eps, f"mean error {rel:.3g} of the mean |output|, above one ulp ({eps:g})"
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("scheme", DYNAMIC)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(200, 4096), (4104, 1040), (200, 16)])
+def test_dynamic_matches_reference(scheme, dtype, n, k):
+    """Odd N; K a whole number of 128-channel steps, a tail of one 16-channel piece, or a single
+    piece; 1 to 16 tokens, one and two token tiles; with and without bias."""
+    qw = _qw(n, k, scheme, dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    for m in (1, 3, 8, 9, 16):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        for b in (None, bias):
+            _check_dynamic(quant_matmul(x, qw, b, backend="cuda"), x, qw, b)
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("fp8", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not FP8_OK, reason="e4m3 needs compute capability 8.9+"))])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [16, 1040, 4096, 16400])
+def test_quantize_rows_bit_for_bit(fp8, dtype, k):
+    """The pre-pass' xq and s_x equal quantize_rows_int8/_fp8's exactly: random rows, a zero row
+    (s = FLT_MIN), tiny values (float16 subnormals), large ones, an outlier, and a row with s = 1
+    exactly whose values sit on rounding ties (int8: x.5; e4m3: midpoints of its grid). K = 16400
+    is past the rows kept in registers (a second read)."""
+    qmax = 448.0 if fp8 else 127.0
+    x = torch.randn(9, k, device="cuda") * 3
+    x[1] = 0
+    x[2] *= 1e-6
+    x[3] = ((torch.arange(k, device="cuda") % 64) - 32) / 4  # multiples of 1/4: ties either way
+    x[3, 0] = qmax  # s = qmax / qmax = 1
+    x[4] *= 1e3
+    x[5, k // 2] = 1e4
+    x[6] = -x[6].abs()
+    x = x.to(dtype)
+    ref_q, ref_s = (quantize_rows_fp8 if fp8 else quantize_rows_int8)(x)
+    wide = torch.zeros(9, k + 8, device="cuda", dtype=dtype)
+    wide[:, :k] = x
+    for view in (x, wide[:, :k], x[3:4]):
+        rows = slice(3, 4) if view.shape[0] == 1 else slice(None)
+        xq, s = cq._quantize_rows(view, fp8)
+        assert xq.dtype == torch.float16 and xq.shape == view.shape and s.shape == (view.shape[0],)
+        assert torch.equal(s, ref_s[rows].reshape(-1)), (s, ref_s[rows].reshape(-1))
+        mismatch = xq.float() != ref_q[rows].float()
+        assert not mismatch.any(), (f"{int(mismatch.sum())} values differ, first at "
+                                    f"{mismatch.nonzero()[0].tolist()}")
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("scheme", DYNAMIC)
+@pytest.mark.parametrize("warps_n,splits,prefetch,pdl,l2_steps", [
+    (1, 1, True, True, None), (1, 3, True, False, None), (2, 2, False, True, 0), (4, 5, True, True, 16),
+    (8, 1, True, False, 3), (1, 8, False, True, 1)])
+def test_dynamic_forced_plans(plan_overrides, scheme, warps_n, splits, prefetch, pdl, l2_steps):
+    """Every block arrangement, split K included, with and without prefetching (into registers,
+    and into L2 during the wait) and with and without the programmatic dependent launch, on a K
+    with a tail."""
+    n, k = 300, 1040
+    qw = _qw(n, k, scheme, dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    plan_overrides(warps_n=warps_n, splits=splits, prefetch=prefetch, pdl=pdl, l2_steps=l2_steps)
+    for m in (1, 6, 16):
+        for dtype in DTYPES:
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            b = bias.to(dtype)
+            _check_dynamic(quant_matmul(x, qw, b, backend="cuda"), x, qw, b)
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("scheme", DYNAMIC)
+def test_dynamic_poisoned_buffers(monkeypatch, plan_overrides, scheme):
+    """Output, split-K workspace, quantized activations and their scales start as NaN."""
+    monkeypatch.setattr(cq, "_empty", lambda shape, dtype, device: poisoned(*shape, dtype=dtype, device=device))
+    qw = _qw(131, 1040, scheme)
+    for splits in (1, 4):
+        plan_overrides(splits=splits)
+        for m in (1, 9, 16):
+            for dtype in DTYPES:
+                x = torch.randn(m, 1040, device="cuda", dtype=dtype)
+                _check_dynamic(quant_matmul(x, qw, backend="cuda"), x, qw)
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("scheme", DYNAMIC)
+def test_dynamic_back_to_back(plan_overrides, scheme):
+    """Many calls queued without a sync, each on new activations (the allocator hands the same
+    workspace to the next call): with the programmatic dependent launch a GEMV that read its
+    activations before the quantization finished would show."""
+    qw = _qw(4096, 4096, scheme, dtype=torch.bfloat16)
+    for splits in (None, 3):
+        plan_overrides(**({} if splits is None else {"splits": splits}))
+        xs = [torch.randn(1 + i % 16, 4096, device="cuda", dtype=torch.bfloat16) * (1 + i) for i in range(12)]
+        outs = [quant_matmul(x, qw, backend="cuda") for x in xs]
+        torch.cuda.synchronize()
+        for x, out in zip(xs, outs):
+            _check_dynamic(out, x, qw)
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("scheme", DYNAMIC)
+@pytest.mark.parametrize("n,k", [(14336, 4096), (4096, 14336)])
+def test_dynamic_llm_shapes(scheme, n, k):
+    qw = _qw(n, k, scheme, dtype=torch.bfloat16)
+    for m in (1, 4, 16):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        _check_dynamic(quant_matmul(x, qw, backend="cuda"), x, qw)
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("scheme", DYNAMIC)
+@pytest.mark.parametrize("pdl", [True, False])
+def test_dynamic_cuda_graph_capture_and_replay(plan_overrides, scheme, pdl):
+    """The quantization and the GEMV (a programmatic dependent launch or not) are captured as
+    two kernels and replay on new inputs, split K included."""
+    for m, n, k, splits in ((1, 4096, 4096, None), (16, 512, 4096, 4), (5, 200, 1040, None)):
+        plan_overrides(pdl=pdl, **({} if splits is None else {"splits": splits}))
+        qw = _qw(n, k, scheme, dtype=torch.bfloat16)
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        static_x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                quant_matmul(static_x, qw, bias, backend="cuda")
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            static_out = quant_matmul(static_x, qw, bias, backend="cuda")
+        for i in range(3):
+            static_x.copy_(torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * (1 + i))
+            graph.replay()
+            torch.cuda.synchronize()
+            _check_dynamic(static_out, static_x, qw, bias)
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("scheme", DYNAMIC)
+def test_dynamic_torch_compile_fullgraph(scheme):
+    """The fp8 capability check in ``supports`` is a trace-time constant: no graph break."""
+    qw = _qw(256, 512, scheme, dtype=torch.bfloat16)
+
+    def f(x):
+        return torch.relu(quant_matmul(x, qw, backend="cuda")) * 2
+
+    compiled_f = torch.compile(f, fullgraph=True)
+    for shape in ((2, 3, 512), (16, 512)):
+        x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+        assert torch.equal(compiled_f(x), f(x))

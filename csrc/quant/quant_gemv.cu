@@ -1,5 +1,6 @@
 // Host side of quant_gemv: checks the contract of quant_gemv.h (the Python launcher already
-// guarantees it; a C++ caller gets an error instead of a fault) and picks the dtype half.
+// guarantees it; a C++ caller gets an error instead of a fault) and picks the dtype half, or the
+// w8a8 / fp8 kernels.
 #include "quant/quant_gemv.h"
 
 #include <cuda_bf16.h>
@@ -7,10 +8,14 @@
 
 #include <string>
 
+#include "common/device.h"
+
 namespace lepton {
 namespace qgemv {
 template <typename T>
 Status launch_typed(const QuantGemvParams& p, const QuantGemvPlan& plan, cudaStream_t stream);
+Status launch_w8a8(const QuantGemvParams& p, const QuantGemvPlan& plan, cudaStream_t stream);  // quant_gemv_w8a8.cu
+Status launch_fp8(const QuantGemvParams& p, const QuantGemvPlan& plan, cudaStream_t stream);   // quant_gemv_fp8.cu
 }  // namespace qgemv
 
 namespace {
@@ -25,6 +30,10 @@ Status check(const QuantGemvParams& p, const QuantGemvPlan& plan) {
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
     return Status::Error(who + "x must be float16 or bfloat16, got " + dtype_name(p.dtype));
   if (p.scale_dtype == DType::kFloat8E4M3) return Status::Error(who + "scales must be float16, bfloat16 or float32");
+  if (p.fp8 && p.x_scales == nullptr)
+    return Status::Error(who + "e4m3 weights come with per-token quantized activations (x_scales)");
+  if (p.x_scales != nullptr && p.int4)
+    return Status::Error(who + "per-token quantized activations go with 8-bit weights (w8a8, fp8), not int4");
   if (p.int4) {
     if (p.k % 32 != 0) return Status::Error(who + "int4 weights need K % 32 == 0, got K=" + std::to_string(p.k));
     if (p.w_stride % 4 != 0) return Status::Error(who + "int4 weight rows must be 16-byte aligned");
@@ -32,10 +41,10 @@ Status check(const QuantGemvParams& p, const QuantGemvPlan& plan) {
       return Status::Error(who + "group_size must be 32, 64, 128 or -1, got " + std::to_string(p.group_size));
     if (p.group_size > 0 && p.k % p.group_size != 0) return Status::Error(who + "group_size must divide K");
   } else {
-    if (p.k % 16 != 0) return Status::Error(who + "int8 weights need K % 16 == 0, got K=" + std::to_string(p.k));
-    if (p.w_stride % 16 != 0) return Status::Error(who + "int8 weight rows must be 16-byte aligned");
+    if (p.k % 16 != 0) return Status::Error(who + "8-bit weights need K % 16 == 0, got K=" + std::to_string(p.k));
+    if (p.w_stride % 16 != 0) return Status::Error(who + "8-bit weight rows must be 16-byte aligned");
     if (p.group_size != -1 || p.zeros != nullptr)
-      return Status::Error(who + "int8 weights have one scale per output channel and no zero points");
+      return Status::Error(who + "8-bit weights have one scale per output channel and no zero points");
   }
   // The kernel addresses weight rows in 32-bit units of 16 bytes and counts channels in 32 bits.
   if (p.n * (p.w_stride / (p.int4 ? 4 : 16)) >= (int64_t{1} << 32) || p.k >= (int64_t{1} << 31))
@@ -61,9 +70,18 @@ Status check(const QuantGemvParams& p, const QuantGemvPlan& plan) {
       plan.splits * plan.steps_per_split < steps)
     return Status::Error(who + "splits x steps_per_split must cover K's steps with no empty split");
   if (plan.row_tiles * plan.splits > 0x7fffffff) return Status::Error(who + "too many blocks for one launch");
+  if (plan.l2_steps < 0) return Status::Error(who + "l2_steps must be >= 0, got " + std::to_string(plan.l2_steps));
   if (plan.splits > 1 && (p.workspace == nullptr || p.counters == nullptr))
     return Status::Error(who + "split K needs a workspace and counters");
   return Status::Ok();
+}
+
+// Compute capability of the current device as 10 * major + minor (0 when unknown).
+int current_capability() {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  const DeviceInfo* info = cached_device_info(device);
+  return info == nullptr ? 0 : 10 * info->major + info->minor;
 }
 
 }  // namespace
@@ -71,8 +89,20 @@ Status check(const QuantGemvParams& p, const QuantGemvPlan& plan) {
 Status quant_gemv(const QuantGemvParams& p, const QuantGemvPlan& plan, cudaStream_t stream) {
   Status status = check(p, plan);
   if (!status.ok) return status;
-  if (p.dtype == DType::kFloat16) return qgemv::launch_typed<__half>(p, plan, stream);
-  return qgemv::launch_typed<__nv_bfloat16>(p, plan, stream);
+  if (p.x_scales == nullptr) {
+    if (p.dtype == DType::kFloat16) return qgemv::launch_typed<__half>(p, plan, stream);
+    return qgemv::launch_typed<__nv_bfloat16>(p, plan, stream);
+  }
+  const int cc = current_capability();
+  if (p.fp8 && cc < 89)
+    return Status::Error("quant_gemv: e4m3 weights need compute capability 8.9 or newer, got " +
+                         std::to_string(cc / 10) + "." + std::to_string(cc % 10));
+  QuantGemvPlan launch_plan = plan;
+  launch_plan.pdl = plan.pdl && cc >= 90;  // griddepcontrol: sm_90 and newer
+  QuantGemvParams params = p;
+  params.l2_steps = launch_plan.pdl ? plan.l2_steps : 0;
+  if (p.fp8) return qgemv::launch_fp8(params, launch_plan, stream);
+  return qgemv::launch_w8a8(params, launch_plan, stream);
 }
 
 }  // namespace lepton

@@ -14,7 +14,8 @@ void quant_gemv_py(uintptr_t x, int64_t x_stride, uintptr_t w, int64_t w_stride,
                    int64_t zero_stride_n, int64_t zero_stride_g, uintptr_t bias, int64_t bias_stride,
                    uintptr_t out, int64_t out_stride, uintptr_t workspace, uintptr_t counters, int64_t m,
                    int64_t n, int64_t k, int group_size, bool int4, int dtype, int warps_n,
-                   int64_t row_tiles, int splits, int64_t steps_per_split, bool prefetch, uintptr_t stream) {
+                   int64_t row_tiles, int splits, int64_t steps_per_split, bool prefetch, uintptr_t stream,
+                   uintptr_t x_scales, bool fp8, bool pdl, int l2_steps) {
   QuantGemvParams p;
   p.x = as_ptr<const void>(x);
   p.x_stride = x_stride;
@@ -39,13 +40,31 @@ void quant_gemv_py(uintptr_t x, int64_t x_stride, uintptr_t w, int64_t w_stride,
   p.group_size = group_size;
   p.int4 = int4;
   p.dtype = static_cast<DType>(dtype);
+  p.x_scales = as_ptr<const float>(x_scales);
+  p.fp8 = fp8;
   QuantGemvPlan plan;
   plan.warps_n = warps_n;
   plan.row_tiles = row_tiles;
   plan.splits = splits;
   plan.steps_per_split = steps_per_split;
   plan.prefetch = prefetch;
+  plan.pdl = pdl;
+  plan.l2_steps = l2_steps;
   throw_if_error(quant_gemv(p, plan, reinterpret_cast<cudaStream_t>(stream)));
+}
+
+void quantize_rows_py(uintptr_t x, int64_t x_stride, int dtype, uintptr_t xq, uintptr_t scales, int64_t m,
+                      int64_t k, bool fp8, uintptr_t stream) {
+  QuantizeRowsParams p;
+  p.x = as_ptr<const void>(x);
+  p.x_stride = x_stride;
+  p.dtype = static_cast<DType>(dtype);
+  p.xq = as_ptr<void>(xq);
+  p.scales = as_ptr<float>(scales);
+  p.m = m;
+  p.k = k;
+  p.fp8 = fp8;
+  throw_if_error(quantize_rows(p, reinterpret_cast<cudaStream_t>(stream)));
 }
 
 }  // namespace
@@ -57,7 +76,10 @@ void bind_quant_gemv(py::module_& m) {
         py::arg("bias_stride"), py::arg("out"), py::arg("out_stride"), py::arg("workspace"),
         py::arg("counters"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("int4"),
         py::arg("dtype"), py::arg("warps_n"), py::arg("row_tiles"), py::arg("splits"),
-        py::arg("steps_per_split"), py::arg("prefetch"), py::arg("stream"));
+        py::arg("steps_per_split"), py::arg("prefetch"), py::arg("stream"), py::arg("x_scales") = 0,
+        py::arg("fp8") = false, py::arg("pdl") = false, py::arg("l2_steps") = 0);
+  m.def("quantize_rows", &quantize_rows_py, py::arg("x"), py::arg("x_stride"), py::arg("dtype"), py::arg("xq"),
+        py::arg("scales"), py::arg("m"), py::arg("k"), py::arg("fp8"), py::arg("stream"));
   m.attr("QUANT_GEMV_MAX_M") = kQuantGemvMaxM;
 }
 

@@ -1,5 +1,5 @@
-// The quant_gemv kernel (see quant_gemv.h), included by one .cu file per activation dtype so a
-// build compiles the two halves in parallel.
+// The quant_gemv kernel (see quant_gemv.h), included by one .cu file per activation dtype and
+// one per per-token scheme (w8a8, fp8), so a build compiles the four in parallel.
 //
 // Work split. A warp owns 16 * R weight rows (R tiles of 16) and walks its K range in steps of
 // 128 input channels. In a step, lane (g = lane / 4, t = lane % 4) reads, for rows g and g + 8
@@ -36,11 +36,21 @@
 // Cost. Near HBM speed an H200 SM must take in ~14 weight bytes per clock, while a warp step
 // spends ~1 instruction per 8 int4 weight bytes on dequantizing and the mma alone: the loop is
 // issue-bound before it is memory-bound, so all else is kept out of it (see the kernel).
+//
+// w8a8 and fp8 (Prequant): quantize_rows has already turned x into float16 values (ints of at
+// most 127, or e4m3 values: both exact in fp16), so the loop is the int8 one on fp16 tensor
+// cores whatever x's dtype was (T = __half; O, the output's dtype, only shows in the epilogue).
+// int8 weights take the fp16 byte trick above; e4m3 weights one cvt per pair, the pair's lower
+// byte into the lower half, so a word's bytes (0, 1) and (2, 3) land on the k indices the int8
+// path gives them (x stays in natural order). Products are exact; the epilogue scales the fp32
+// sum by the token's and the channel's scales.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "quant/quant_gemv.h"
 
@@ -53,6 +63,16 @@ constexpr int kStepK = kQuantGemvStepK;  // 4 lanes x 32 channels
 static_assert(kStepK == 128, "a step is 4 lanes x 32 channels; groups of 128 rely on it");
 
 enum class ScaleMode { kPerChannel, kGroupOfStep, kGroupInWeight };
+// Activations quantized per token ahead of the kernel (w8a8: int8 weights, fp8: e4m3), or not.
+enum class Prequant { kNone, kInt8, kE4M3 };
+
+// e4m3 -> f16 conversions exist from sm_89 on; the host runs no e4m3 kernel below that, and
+// there the kernel compiles to nothing.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+constexpr bool kArchHasE4M3 = false;
+#else
+constexpr bool kArchHasE4M3 = true;
+#endif
 
 using u32 = uint32_t;
 
@@ -167,6 +187,37 @@ __device__ __forceinline__ u32 nibbles_under(u32 w, u32 magic) {
   return d;
 }
 
+// Bytes (0, 1) (sel = 0) or (2, 3) of a word of e4m3 as a pair of halves, lower byte lower.
+__device__ __forceinline__ u32 e4m3_pair(u32 w, int sel) {
+  const __half2_raw h =
+      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(sel == 0 ? w : w >> 16), __NV_E4M3);
+  return static_cast<u32>(h.x) | (static_cast<u32>(h.y) << 16);
+}
+
+// Wait for the grid this one depends on programmatically (quantize_rows): a no-op when it was
+// launched the ordinary way.
+__device__ __forceinline__ void wait_for_dependencies() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* ptr) { asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr)); }
+
+// What quantize_rows wrote is read with ordinary loads: under a programmatic dependent launch
+// it is written while this grid runs, which the non-coherent (__ldg) path does not allow for.
+// The asm volatile keeps them after the wait.
+__device__ __forceinline__ uint4 load_coherent(const void* ptr) {
+  uint4 v;
+  asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(ptr));
+  return v;
+}
+__device__ __forceinline__ float load_coherent(const float* ptr) {
+  float v;
+  asm volatile("ld.global.f32 %0, [%1];" : "=f"(v) : "l"(ptr));
+  return v;
+}
+
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -180,27 +231,35 @@ __device__ __forceinline__ float load_scale(const QuantGemvParams& p, int64_t ro
   }
 }
 
-// fp32 epilogue: per-channel scale, bias, one rounding to x's dtype.
-template <typename T, ScaleMode kMode>
+// fp32 epilogue: the token's scale (w8a8, fp8; in the reference's order), per-channel scale,
+// bias, one rounding to the output's dtype O.
+template <typename O, ScaleMode kMode, Prequant kPre>
 __device__ __forceinline__ void store_out(const QuantGemvParams& p, int64_t tok, int64_t row, float v) {
+  if (kPre != Prequant::kNone) v *= load_coherent(p.x_scales + tok);
   if (kMode == ScaleMode::kPerChannel) v *= load_scale(p, row, 0);
-  if (p.bias != nullptr) v += Traits<T>::to_float(static_cast<const T*>(p.bias)[row * p.bias_stride]);
-  static_cast<T*>(p.out)[tok * p.out_stride + row] = Traits<T>::from_float(v);
+  if (p.bias != nullptr) v += Traits<O>::to_float(static_cast<const O*>(p.bias)[row * p.bias_stride]);
+  static_cast<O*>(p.out)[tok * p.out_stride + row] = Traits<O>::from_float(v);
 }
 
 // R: 16-row tiles per warp; NT: 8-token tiles (M <= 8 * NT); S: the scales' dtype (read in the
-// loop by the group modes only); kZeros: int4 with zero points. Templates, so that the loop has
-// no branch on them and a symmetric weight spends no registers on zero points.
+// loop by the group modes only); kZeros: int4 with zero points; O: the output's dtype (T's but
+// for w8a8 and fp8); kPre: see Prequant. Templates, so that the loop has no branch on them and
+// a symmetric weight spends no registers on zero points.
 //
 // The loop is issue-bound before it is memory-bound (a warp step is ~8 instructions per 16
 // weight bytes), so the per-step work outside the dequantizer is kept small: weight rows are
 // 32-bit offsets computed once, a K tail is a predicate per step (not per load), and a tile's
 // scales and zero points travel with its weights (issued a step ahead, not fetched one
 // dependent load at a time just before the math).
-template <typename T, bool kInt4, int R, int NT, ScaleMode kMode, typename S, bool kZeros>
+template <typename T, bool kInt4, int R, int NT, ScaleMode kMode, typename S, bool kZeros, typename O = T,
+          Prequant kPre = Prequant::kNone>
 __global__ void __launch_bounds__(kThreads, 2)
 quant_gemv_kernel(const QuantGemvParams p, const int warps_n, const int64_t row_tiles,
                   const int64_t steps_per_split, const int group_shift, const bool prefetch) {
+  static_assert(kPre == Prequant::kNone || (!kInt4 && kMode == ScaleMode::kPerChannel &&
+                                             std::is_same<T, __half>::value),
+                "prequantized activations: 8-bit weights with per-channel scales, float16 x");
+  if constexpr (kPre == Prequant::kE4M3 && !kArchHasE4M3) return;
   using Tr = Traits<T>;
   constexpr int kRowsPerWarp = 16 * R;
   constexpr int kTokens = 8 * NT;
@@ -327,6 +386,19 @@ quant_gemv_kernel(const QuantGemvParams p, const int warps_n, const int64_t row_
 #pragma unroll
     for (int r = 0; r < R; ++r) load_tile(r, at(begin));
   }
+  // Only x and its scales come from quantize_rows: the weights above were free to go first, and
+  // (under a programmatic launch) the next l2_steps steps go to L2 meanwhile: lane t takes steps
+  // first + t, + 4, ..., one 128-byte row segment per row (the int8 step of a row).
+  if constexpr (kPre != Prequant::kNone) {
+    const int first = prefetch ? begin + 1 : begin, last = min(end, first + p.l2_steps);
+    for (int step = first + t; step < last; step += 4) {
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) prefetch_l2(w16 + (wrow[r][h] - kPieces * t + step * (kStepK / kPieceK)));
+    }
+    wait_for_dependencies();
+  }
 
   const T* x = static_cast<const T*>(p.x);
   for (int step = begin; step < end; ++step) {
@@ -347,8 +419,10 @@ quant_gemv_kernel(const QuantGemvParams p, const int warps_n, const int64_t row_
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         uint4 v = make_uint4(0, 0, 0, 0);
-        if (tok < p.m && step < piece_steps[(8 * q) / kPieceK])
-          v = __ldg(reinterpret_cast<const uint4*>(x + tok * p.x_stride + base + 8 * q));
+        if (tok < p.m && step < piece_steps[(8 * q) / kPieceK]) {
+          const T* at_x = x + tok * p.x_stride + base + 8 * q;
+          v = kPre == Prequant::kNone ? __ldg(reinterpret_cast<const uint4*>(at_x)) : load_coherent(at_x);
+        }
         xw[j][4 * q] = v.x, xw[j][4 * q + 1] = v.y, xw[j][4 * q + 2] = v.z, xw[j][4 * q + 3] = v.w;
       }
     }
@@ -465,6 +539,12 @@ quant_gemv_kernel(const QuantGemvParams p, const int warps_n, const int64_t row_
             a[2] = Tr::fma2(a[2], scale2[0], 0x80008000u);
             a[3] = Tr::fma2(a[3], scale2[1], 0x80008000u);
           }
+        } else if (kPre == Prequant::kE4M3) {
+          const u32 q0 = word(wq[r][0][s / 4], s % 4), q1 = word(wq[r][1][s / 4], s % 4);
+          a[0] = e4m3_pair(q0, 0);
+          a[1] = e4m3_pair(q1, 0);
+          a[2] = e4m3_pair(q0, 1);
+          a[3] = e4m3_pair(q1, 1);
         } else {
           const u32 q0 = word(wq[r][0][s / 4], s % 4) ^ 0x80808080u;
           const u32 q1 = word(wq[r][1][s / 4], s % 4) ^ 0x80808080u;
@@ -514,7 +594,7 @@ quant_gemv_kernel(const QuantGemvParams p, const int warps_n, const int64_t row_
     const int64_t row = tile * rows_per_block + rb;
     if (row >= p.n) continue;
     if (splits == 1)
-      store_out<T, kMode>(p, tok, row, v);
+      store_out<O, kMode, kPre>(p, tok, row, v);
     else
       p.workspace[(split * p.m + tok) * p.n + row] = v;
   }
@@ -533,7 +613,7 @@ quant_gemv_kernel(const QuantGemvParams p, const int warps_n, const int64_t row_
     if (row >= p.n) continue;
     float v = 0.f;
     for (int64_t s = 0; s < splits; ++s) v += __ldcg(p.workspace + (s * p.m + tok) * p.n + row);
-    store_out<T, kMode>(p, tok, row, v);
+    store_out<O, kMode, kPre>(p, tok, row, v);
   }
   if (threadIdx.x == 0) p.counters[tile] = 0;  // every block of the tile has arrived: reusable
 }
@@ -545,6 +625,34 @@ Status launch(const QuantGemvParams& p, const QuantGemvPlan& plan, int group_shi
       p, plan.warps_n, plan.row_tiles, plan.steps_per_split, group_shift, plan.prefetch);
   LEPTON_RETURN_IF_CUDA_ERROR(cudaGetLastError());
   return Status::Ok();
+}
+
+// w8a8 / fp8: plan.pdl (the host has checked sm_90) launches the kernel as a programmatic
+// dependent of quantize_rows (see QuantGemvPlan::pdl); CUDA graphs capture the dependency.
+template <typename O, Prequant kPre, int R, int NT>
+Status launch_prequant(const QuantGemvParams& p, const QuantGemvPlan& plan, cudaStream_t stream) {
+  auto kernel = quant_gemv_kernel<__half, false, R, NT, ScaleMode::kPerChannel, float, false, O, kPre>;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(plan.row_tiles * plan.splits));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = plan.pdl ? 1 : 0;
+  LEPTON_RETURN_IF_CUDA_ERROR(cudaLaunchKernelEx(&config, kernel, p, plan.warps_n, plan.row_tiles,
+                                                 plan.steps_per_split, 0, plan.prefetch));
+  return Status::Ok();
+}
+
+// For quant_gemv_w8a8.cu and quant_gemv_fp8.cu (O: the output's dtype).
+template <typename O, Prequant kPre>
+Status launch_prequant_typed(const QuantGemvParams& p, const QuantGemvPlan& plan, cudaStream_t stream) {
+  // The int8 tiles (see dispatch_tokens): 32 rows x 8 tokens, or 16 x 16.
+  if (p.m <= 8) return launch_prequant<O, kPre, 2, 1>(p, plan, stream);
+  return launch_prequant<O, kPre, 1, 2>(p, plan, stream);
 }
 
 template <typename T, bool kInt4, ScaleMode kMode, typename S, bool kZeros>

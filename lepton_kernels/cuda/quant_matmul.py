@@ -1,9 +1,14 @@
-"""Launch the compiled weight-only matmul for a few tokens (``csrc/quant/quant_gemv.h``).
+"""Launch the compiled quantized matmul for a few tokens (``csrc/quant/quant_gemv.h``).
 
-Serves w4a16 (``int4_k8``: group sizes 32, 64, 128 or per channel, with or without zero points)
-and w8a16 (``rowmajor`` int8) for float16/bfloat16 activations and M <= 16 tokens, the
-memory-bound decode case where every weight byte is read once; larger batches go to the Triton
-kernels (``supports`` says so, and "auto" moves on).
+Serves w4a16 (``int4_k8``: group sizes 32, 64, 128 or per channel, with or without zero points),
+w8a16 (``rowmajor`` int8), and w8a8 / fp8 (``rowmajor`` int8 / e4m3, fp8 on sm_89 or newer) for
+float16/bfloat16 activations and M <= 16 tokens, the memory-bound decode case where every weight
+byte is read once; larger batches go to the Triton kernels (``supports`` says so, and "auto"
+moves on). w8a8 and fp8 first quantize the activations per token (``quantize_rows``, bit for bit
+the reference's) into float16 values, exact for int8 and e4m3 alike, so their GEMV is w8a16's on
+float16 tensor cores with both scales in the epilogue; on sm_90 it is launched as a programmatic
+dependent of the quantization, so its first weight loads, and L2 prefetches of the next few
+steps, overlap it (``Plan.pdl``, ``Plan.l2_steps``).
 
 The block plan (how many blocks along N and along K) is chosen here, from the shapes and the SM
 count, so it can be tuned without rebuilding: a block's 8 warps each own
@@ -22,8 +27,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .._backends import is_compiling
-from .._splits import current_sm_count
+from .._backends import is_compiling, trace_as_constant
+from .._splits import current_capability, current_sm_count
 from . import DTYPE_CODES, _C, current_stream
 
 MAX_M = 16  # kQuantGemvMaxM in quant_gemv.h
@@ -34,9 +39,16 @@ MAX_SPLITS = 32
 FULL_FRACTION = 0.75  # w8a16: of the resident slots, row tiles filling this many are not split
 SPLIT_COST_STEPS = 2  # w4a16: a split's partial and combine, in warp steps
 COUNTERS_MIN = 1 << 12
-_VEC = {"w4a16": 4, "w8a16": 16}  # packed elements per 16 bytes
-_LAYOUTS = {"w4a16": "int4_k8", "w8a16": "rowmajor"}
-_K_MULTIPLE = {"w4a16": 32, "w8a16": 16}  # input channels per 16-byte load
+_VEC = {"w4a16": 4, "w8a16": 16, "w8a8": 16, "fp8": 16}  # packed elements per 16 bytes
+_LAYOUTS = {"w4a16": "int4_k8", "w8a16": "rowmajor", "w8a8": "rowmajor", "fp8": "rowmajor"}
+_K_MULTIPLE = {"w4a16": 32, "w8a16": 16, "w8a8": 16, "fp8": 16}  # input channels per 16-byte load
+DYNAMIC = ("w8a8", "fp8")  # activations quantized per token; the weights read as w8a16's
+# w8a8/fp8 on sm_90: overlap the GEMV's start with the quantization (Plan.pdl). H100, CUDA graphs,
+# 14336x4096 / 4096x4096 / 4096x14336 at 1-16 tokens: PDL without L2 prefetch was the fastest
+# variant everywhere (fp8 one token: 25.6 / 11.9 / 26.9 us; without PDL 26.4 / 12.9 / 28.7);
+# prefetching 4, 8 or 16 steps into L2 while waiting cost 4-20%.
+USE_PDL = True
+L2_STEPS = 0  # with pdl: steps of weights each warp asks L2 for while it waits (Plan.l2_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +58,8 @@ class Plan:
     splits: int  # blocks along K
     steps_per_split: int  # 128-channel steps per block along K
     prefetch: bool = True  # load a step's weights while the previous step computes
+    pdl: bool = False  # w8a8/fp8: a programmatic dependent launch after the quantization (sm_90+)
+    l2_steps: int = 0  # with pdl: 128-channel steps a warp prefetches into L2 before it waits
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -58,8 +72,11 @@ def rows_per_warp(m: int, int4: bool) -> int:
 
 
 def choose_plan(m: int, n: int, k: int, int4: bool, sm_count: int, warps_n: Optional[int] = None,
-                splits: Optional[int] = None, prefetch: bool = True) -> Plan:
-    """The heuristic (``warps_n``/``splits``/``prefetch`` force those choices: tests, tuning)."""
+                splits: Optional[int] = None, prefetch: bool = True, pdl: bool = False,
+                l2_steps: Optional[int] = None) -> Plan:
+    """The heuristic (``warps_n``/``splits``/``prefetch``/``pdl``/``l2_steps`` force those
+    choices: tests, tuning). ``pdl`` and ``l2_steps`` only matter to w8a8 and fp8, whose plan is
+    otherwise w8a16's."""
     per_warp = rows_per_warp(m, int4)
     slots = BLOCKS_PER_SM * sm_count
     if warps_n is None:
@@ -69,7 +86,9 @@ def choose_plan(m: int, n: int, k: int, int4: bool, sm_count: int, warps_n: Opti
     if splits is None:
         splits = _splits(row_tiles, steps, WARPS // warps_n, sm_count, slots, int4)
     per_split = _cdiv(steps, max(1, min(splits, steps)))
-    return Plan(warps_n, row_tiles, _cdiv(steps, per_split), per_split, prefetch)
+    if l2_steps is None:
+        l2_steps = L2_STEPS if pdl else 0
+    return Plan(warps_n, row_tiles, _cdiv(steps, per_split), per_split, prefetch, pdl, l2_steps)
 
 
 def _warps_n(n: int, per_warp: int, int4: bool, slots: int) -> int:
@@ -109,12 +128,12 @@ def _splits(row_tiles: int, steps: int, warps_k: int, sm_count: int, slots: int,
 
 
 _OVERRIDES: Dict[str, object] = {}
-_OVERRIDABLE = ("warps_n", "splits", "prefetch")
+_OVERRIDABLE = ("warps_n", "splits", "prefetch", "pdl", "l2_steps")
 
 
 def set_plan_overrides(**fields) -> Dict[str, object]:
-    """Force ``warps_n``, ``splits`` and/or ``prefetch`` on every following call (tests,
-    tuning); no arguments clears them. Returns the previous overrides."""
+    """Force ``warps_n``, ``splits``, ``prefetch``, ``pdl`` and/or ``l2_steps`` on every following
+    call (tests, tuning); no arguments clears them. Returns the previous overrides."""
     unknown = set(fields) - set(_OVERRIDABLE)
     if unknown:
         raise ValueError(f"unknown plan fields {sorted(unknown)} (known: {', '.join(_OVERRIDABLE)})")
@@ -125,15 +144,15 @@ def set_plan_overrides(**fields) -> Dict[str, object]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached_plan(m: int, n: int, k: int, int4: bool, sm_count: int) -> Plan:
-    return choose_plan(m, n, k, int4, sm_count)
+def _cached_plan(m: int, n: int, k: int, int4: bool, sm_count: int, pdl: bool) -> Plan:
+    return choose_plan(m, n, k, int4, sm_count, pdl=pdl)
 
 
-def _plan(m: int, n: int, k: int, int4: bool, device: torch.device) -> Plan:
+def _plan(m: int, n: int, k: int, int4: bool, device: torch.device, pdl: bool = False) -> Plan:
     sm_count = current_sm_count(device)
     if _OVERRIDES:
-        return choose_plan(m, n, k, int4, sm_count, **_OVERRIDES)
-    return _cached_plan(m, n, k, int4, sm_count)
+        return choose_plan(m, n, k, int4, sm_count, **dict({"pdl": pdl}, **_OVERRIDES))
+    return _cached_plan(m, n, k, int4, sm_count, pdl)
 
 
 # Split-K arrival counters, one buffer per (device, stream); the kernel leaves them at zero.
@@ -173,17 +192,28 @@ def _rows_aligned(x: torch.Tensor) -> torch.Tensor:
     return out.copy_(x)
 
 
+@trace_as_constant
+def _fp8_reason(device: torch.device) -> Optional[str]:
+    major, minor = current_capability(device)
+    if (major, minor) < (8, 9):
+        return f"the CUDA fp8 kernel converts e4m3 on compute capability 8.9 or newer, this GPU is {major}.{minor}"
+    return None
+
+
 def supports(x, packed, scales, zeros, perm, bias, scheme, layout, group_size, n, k) -> Optional[str]:
     """None when the compiled kernel serves the (validated) call, else the reason. Looks at
-    metadata only (works on meta tensors); whether the extension runs on ``x``'s device is
-    checked by the caller."""
+    metadata only (works on meta tensors; a CUDA ``x``'s capability for fp8); whether the
+    extension runs on ``x``'s device is checked by the caller."""
     if scheme not in _LAYOUTS:
-        return (f"the CUDA kernel serves the weight-only schemes w4a16 and w8a16, not {scheme} "
-                "(its activations are quantized per token: the Triton kernels serve it)")
+        return f"the CUDA kernel serves the schemes {', '.join(_LAYOUTS)}, not {scheme}"
     if layout != _LAYOUTS[scheme]:
         return f"the CUDA kernel reads {scheme} weights in the {_LAYOUTS[scheme]!r} layout, got {layout!r}"
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA kernel takes float16 or bfloat16 activations, got {x.dtype}"
+    if scheme == "fp8" and x.device.type == "cuda":
+        reason = _fp8_reason(x.device)
+        if reason is not None:
+            return reason
     m = x.shape[0]
     if m > MAX_M:
         return (f"the CUDA kernel serves up to {MAX_M} tokens (rows of x), got {m}; larger batches run "
@@ -202,6 +232,24 @@ def supports(x, packed, scales, zeros, perm, bias, scheme, layout, group_size, n
     return None
 
 
+def _launch_quantize_rows(x: torch.Tensor, xq: torch.Tensor, x_scales: torch.Tensor, fp8: bool) -> None:
+    m, k = x.shape
+    _C.quantize_rows(x.data_ptr(), x.stride(0), DTYPE_CODES[x.dtype], xq.data_ptr(), x_scales.data_ptr(), m, k,
+                     fp8, current_stream(x.device))
+
+
+def _quantize_rows(x: torch.Tensor, fp8: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The activation quantization of w8a8 (``fp8=False``) and fp8 on its own: x ``[M, K]``
+    (float16/bfloat16, K % 8 == 0) -> (float16 ``[M, K]`` holding the int8 or e4m3 values,
+    float32 scales ``[M]``), bit for bit ``quantize_rows_int8`` / ``quantize_rows_fp8`` of
+    ``lepton_kernels.reference.quant_matmul``."""
+    x = _rows_aligned(x)
+    xq = _empty(tuple(x.shape), torch.float16, x.device)
+    x_scales = _empty((x.shape[0],), torch.float32, x.device)
+    _launch_quantize_rows(x, xq, x_scales, fp8)
+    return xq, x_scales
+
+
 def quant_matmul(x, packed, scales, zeros, perm, bias, scheme, layout, group_size, n, k) -> torch.Tensor:
     """x ``[M, K]`` (float16/bfloat16, M <= 16) and a weight's stored tensors -> ``[M, N]``."""
     if perm is not None:  # stored channel j is original channel perm[j]
@@ -209,8 +257,9 @@ def quant_matmul(x, packed, scales, zeros, perm, bias, scheme, layout, group_siz
     x = _rows_aligned(x)
     m = x.shape[0]
     int4 = scheme == "w4a16"
+    dynamic = scheme in DYNAMIC
     device = x.device
-    plan = _plan(m, n, k, int4, device)
+    plan = _plan(m, n, k, int4, device, pdl=dynamic and USE_PDL)
     out = _empty((m, n), x.dtype, device)
     # The workspace tensor must outlive the launch: freed earlier, the allocator could hand its
     # memory to the next allocation on this stream (the counters themselves on a first call),
@@ -219,6 +268,14 @@ def quant_matmul(x, packed, scales, zeros, perm, bias, scheme, layout, group_siz
     if plan.splits > 1:
         counters = _counters(device, plan.row_tiles)
         workspace = _empty((plan.splits * m * n,), torch.float32, device)
+    x_scales = None
+    if dynamic:
+        # Allocated before either launch, so that the two kernels are adjacent on the stream
+        # (the GEMV's programmatic dependency is on the kernel just before it).
+        xq = _empty((m, k), torch.float16, device)
+        x_scales = _empty((m,), torch.float32, device)
+        _launch_quantize_rows(x, xq, x_scales, scheme == "fp8")
+        x = xq
     has_zeros = zeros is not None
     has_bias = bias is not None
     _C.quant_gemv(
@@ -229,7 +286,8 @@ def quant_matmul(x, packed, scales, zeros, perm, bias, scheme, layout, group_siz
         bias.data_ptr() if has_bias else 0, bias.stride(0) if has_bias else 0,
         out.data_ptr(), out.stride(0), 0 if workspace is None else workspace.data_ptr(),
         0 if counters is None else counters.data_ptr(),
-        m, n, k, group_size if int4 else -1, int4, DTYPE_CODES[x.dtype],
+        m, n, k, group_size if int4 else -1, int4, DTYPE_CODES[out.dtype],
         plan.warps_n, plan.row_tiles, plan.splits, plan.steps_per_split, plan.prefetch, current_stream(device),
+        0 if x_scales is None else x_scales.data_ptr(), scheme == "fp8", plan.pdl, plan.l2_steps,
     )
     return out

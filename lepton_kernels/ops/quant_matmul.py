@@ -49,8 +49,9 @@ def _triton_supports(x, *args) -> Optional[str]:
 _triton_op = define_op(f"{OP}_triton", SCHEMA, _triton_impl, fake, "CompositeExplicitAutograd")
 _backends.register(OP, "triton", _triton_supports, eager=_triton_impl)(_triton_op)
 
-# The compiled kernel serves the weight-only schemes for up to 16 tokens (decode); it declines
-# the rest, which "auto" hands to Triton.
+# The compiled kernel serves every scheme for up to 16 tokens (decode; w8a8 and fp8 quantize the
+# activations per token in a small kernel first, fp8 on sm_89+); it declines the rest, which
+# "auto" hands to Triton.
 _cuda_impl = lazy("lepton_kernels.cuda.quant_matmul", "quant_matmul")
 _cuda_kernel_supports = lazy("lepton_kernels.cuda.quant_matmul", "supports")
 
@@ -61,6 +62,7 @@ def _cuda_supports(x, *args) -> Optional[str]:
 
 
 # Above this many tokens the Triton w8a16 kernel matched or beat the CUDA one on an H200.
+# (w8a8 and fp8 take the CUDA kernel up to its 16 tokens.)
 CUDA_W8A16_AUTO_MAX_M = 8
 
 
