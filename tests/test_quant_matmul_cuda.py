@@ -128,7 +128,8 @@ def test_plan_heuristic_invariants():
                 for sms in (1, 132):
                     plan = cq.choose_plan(m, n, k, int4, sms)
                     steps = -(-k // cq.STEP_K)
-                    rows = cq.rows_per_warp(m, int4) * plan.warps_n
+                    assert plan.rows_per_warp in cq.rows_per_warp_choices(m, int4)
+                    rows = plan.rows_per_warp * plan.warps_n
                     assert plan.warps_n in (1, 2, 4, 8)
                     assert plan.row_tiles == -(-n // rows)
                     assert plan.splits * plan.steps_per_split >= steps > (plan.splits - 1) * plan.steps_per_split
@@ -139,23 +140,28 @@ def test_plan_heuristic_invariants():
     assert not plan.prefetch and cq.choose_plan(3, 96, 1024, True, 132).prefetch
     with pytest.raises(ValueError, match="unknown plan fields"):
         cq.set_plan_overrides(block_n=64)
+    assert cq.choose_plan(3, 4096, 4096, True, 132, rows_per_warp=64).rows_per_warp == 64
+    with pytest.raises(ValueError, match="rows_per_warp must be one of \\[32\\] for M=9"):
+        cq.choose_plan(9, 4096, 4096, True, 132, rows_per_warp=64)
 
 
 def test_plan_heuristic_measured_choices():
-    """The plans an H100 sweep (132 SMs) measured fastest, or within 7% of it: the fewest
-    warps across whose row tiles fit a wave, then (w4a16) the split that evens a warp's steps
-    against the cost of a split, (w8a16) as many splits as a wave holds once tiles leave most
-    slots idle."""
+    """The plans an H100 sweep (132 SMs; rows per warp x warps across x splits, CUDA graphs)
+    measured fastest, or within 4% of it: the most rows per warp unless their tiles leave 30% of
+    the slots empty, the fewest warps across whose row tiles fit a wave, then (w4a16) the split
+    that evens a warp's steps against the cost of a split, (w8a16) as many splits as a wave holds
+    once tiles leave most slots idle."""
     sms = 132
-    for n, k, m, int4, want in ((4096, 4096, 1, True, (1, 4)), (4096, 4096, 16, True, (1, 1)),
-                                (6144, 4096, 4, True, (1, 1)), (6144, 4096, 16, True, (1, 1)),
-                                (14336, 4096, 1, True, (1, 1)), (14336, 4096, 16, True, (2, 1)),
-                                (4096, 14336, 4, True, (1, 4)), (4096, 14336, 16, True, (1, 2)),
-                                (14336, 4096, 1, False, (2, 1)), (14336, 4096, 16, False, (4, 1)),
-                                (6144, 4096, 16, False, (2, 1)), (4096, 14336, 16, False, (1, 1)),
-                                (4096, 4096, 16, False, (1, 1)), (4096, 4096, 1, False, (1, 2))):
+    for n, k, m, int4, want in ((4096, 4096, 1, True, (32, 1, 1)), (4096, 4096, 16, True, (32, 1, 1)),
+                                (6144, 4096, 4, True, (32, 1, 1)), (6144, 4096, 16, True, (32, 1, 1)),
+                                (14336, 4096, 1, True, (64, 1, 1)), (14336, 4096, 16, True, (32, 2, 1)),
+                                (4096, 14336, 4, True, (32, 1, 2)), (4096, 14336, 16, True, (32, 1, 2)),
+                                (14336, 4096, 1, False, (32, 2, 1)), (14336, 4096, 16, False, (16, 4, 1)),
+                                (6144, 4096, 1, False, (32, 1, 1)), (6144, 4096, 16, False, (16, 2, 1)),
+                                (4096, 14336, 16, False, (16, 1, 1)), (4096, 14336, 1, False, (16, 1, 1)),
+                                (4096, 4096, 16, False, (16, 1, 1)), (4096, 4096, 1, False, (16, 1, 1))):
         plan = cq.choose_plan(m, n, k, int4, sms)
-        assert (plan.warps_n, plan.splits) == want, (n, k, m, int4, plan)
+        assert (plan.rows_per_warp, plan.warps_n, plan.splits) == want, (n, k, m, int4, plan)
         assert plan.row_tiles * plan.splits <= cq.BLOCKS_PER_SM * sms
 
 
@@ -262,11 +268,11 @@ def test_dynamic_launch_sequence(monkeypatch, scheme):
         events.append(("quantize_rows", xq, scales, fp8))
 
     def fake_gemv(*args):
-        events.append(("quant_gemv", args[0], args[-4], args[-3], args[-2], args[22], args[-1]))
+        events.append(("quant_gemv", args[0], args[-5], args[-4], args[-3], args[22], args[-2], args[-1]))
         seen["alive"] = all(ref() is not None for ref in live)
 
     seen = {}
-    plan = cq.Plan(warps_n=1, row_tiles=4, splits=2, steps_per_split=2, pdl=True, l2_steps=3)
+    plan = cq.Plan(warps_n=1, row_tiles=4, splits=2, steps_per_split=2, pdl=True, l2_steps=3, rows_per_warp=16)
     counters = torch.zeros(cq.COUNTERS_MIN, dtype=torch.int32)
     monkeypatch.setattr(cq, "_empty", fake_empty)
     monkeypatch.setattr(cq, "_plan", lambda *args, **kwargs: plan)
@@ -280,9 +286,9 @@ def test_dynamic_launch_sequence(monkeypatch, scheme):
     assert sorted(str(e[1]) for e in events[:4]) == sorted(["torch.bfloat16", "torch.float32", "torch.float16",
                                                             "torch.float32"])
     _, xq, scales, fp8 = events[4]
-    _, x_ptr, x_scales, gemv_fp8, pdl, dtype_code, l2_steps = events[5]
+    _, x_ptr, x_scales, gemv_fp8, pdl, dtype_code, l2_steps, rows_per_warp = events[5]
     assert x_ptr == xq and x_scales == scales and fp8 == gemv_fp8 == (scheme == "fp8") and pdl
-    assert l2_steps == plan.l2_steps
+    assert l2_steps == plan.l2_steps and rows_per_warp == plan.rows_per_warp
     assert dtype_code == compiled.DTYPE_CODES[torch.bfloat16]  # the output's dtype
     assert seen["alive"]
 
@@ -342,14 +348,16 @@ def test_zero_points_span_0_to_16(group_size):
                                                          ("w8a16", -1, True)])
 @pytest.mark.parametrize("warps_n,splits,prefetch", [(1, 3, True), (2, 2, False), (4, 5, True), (8, 1, True),
                                                      (1, 8, False), (1, 1, False)])
-def test_forced_plans(plan_overrides, scheme, group_size, symmetric, warps_n, splits, prefetch):
-    """Every block arrangement, split K included, with and without prefetching, gives the
-    right answer."""
+@pytest.mark.parametrize("rows", ["most", "fewer"])
+def test_forced_plans(plan_overrides, scheme, group_size, symmetric, warps_n, splits, prefetch, rows):
+    """Every block arrangement (both row counts a warp may own up to 8 tokens), split K
+    included, with and without prefetching, gives the right answer."""
     n, k = 300, 1024
     qw = _qw(n, k, scheme, group_size, symmetric, dtype=torch.bfloat16)
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    plan_overrides(warps_n=warps_n, splits=splits, prefetch=prefetch)
     for m in (1, 6, 16):
+        choice = cq.rows_per_warp_choices(m, scheme == "w4a16")
+        plan_overrides(warps_n=warps_n, splits=splits, prefetch=prefetch, rows_per_warp=choice[rows == "fewer"])
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         _check(quant_matmul(x, qw, bias, backend="cuda"), _reference(x, qw, bias), torch.bfloat16)
 
@@ -708,8 +716,10 @@ def test_dynamic_forced_plans(plan_overrides, scheme, warps_n, splits, prefetch,
     n, k = 300, 1040
     qw = _qw(n, k, scheme, dtype=torch.bfloat16)
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    plan_overrides(warps_n=warps_n, splits=splits, prefetch=prefetch, pdl=pdl, l2_steps=l2_steps)
     for m in (1, 6, 16):
+        rows = cq.rows_per_warp_choices(m, False)[(warps_n + splits) % 2]  # both, across the cases
+        plan_overrides(warps_n=warps_n, splits=splits, prefetch=prefetch, pdl=pdl, l2_steps=l2_steps,
+                       rows_per_warp=rows)
         for dtype in DTYPES:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             b = bias.to(dtype)

@@ -278,6 +278,13 @@ def test_config_heuristic():
     assert tq.choose_config("w8a16", tq.DEQUANT_MIN_M, 4096, 4096, -1, 132).dequantize_first
     big = tq.choose_config("w8a8", 4096, 14336, 4096, -1, 132)
     assert big.split_k == 1 and not big.dequantize_first
+    # w8a8 and fp8, 17-256 tokens: the largest tile that still gives each SM a program, and K
+    # split only when it is long and the grid short.
+    for scheme in ("w8a8", "fp8"):
+        mid = tq.choose_config(scheme, 128, 4096, 4096, -1, 132)
+        assert (mid.block_m, mid.block_n, mid.split_k) == (32, 64, 1)
+        assert tq.choose_config(scheme, 256, 14336, 4096, -1, 132).block_m == 128
+        assert tq.choose_config(scheme, 32, 4096, 14336, -1, 132).split_k == 4
     with pytest.raises(ValueError, match="unknown Config fields"):
         tq.set_config_overrides(tile=3)
 

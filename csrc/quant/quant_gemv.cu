@@ -62,7 +62,12 @@ Status check(const QuantGemvParams& p, const QuantGemvPlan& plan) {
     return Status::Error(who + "x rows and weights must be 16-byte aligned");
   if (plan.warps_n != 1 && plan.warps_n != 2 && plan.warps_n != 4 && plan.warps_n != 8)
     return Status::Error(who + "warps_n must be 1, 2, 4 or 8, got " + std::to_string(plan.warps_n));
-  const int64_t rows_per_block = static_cast<int64_t>(quant_gemv_rows_per_warp(p.m, p.int4)) * plan.warps_n;
+  const QuantGemvRowChoices rows = quant_gemv_rows_per_warp_choices(p.m, p.int4);
+  if (plan.rows_per_warp != rows.most && plan.rows_per_warp != rows.fewer)
+    return Status::Error(who + "rows_per_warp must be " + std::to_string(rows.most) +
+                         (rows.fewer != rows.most ? " or " + std::to_string(rows.fewer) : std::string()) +
+                         " for M=" + std::to_string(p.m) + ", got " + std::to_string(plan.rows_per_warp));
+  const int64_t rows_per_block = static_cast<int64_t>(plan.rows_per_warp) * plan.warps_n;
   const int64_t steps = (p.k + kQuantGemvStepK - 1) / kQuantGemvStepK;
   if (plan.row_tiles != (p.n + rows_per_block - 1) / rows_per_block)
     return Status::Error(who + "row_tiles must be ceil(N / rows per block)");

@@ -61,11 +61,12 @@ struct QuantGemvParams {
   int l2_steps = 0;  // the plan's when its launch is programmatic (quant_gemv sets it for the kernel)
 };
 
-// Each warp owns quant_gemv_rows_per_warp(M, int4) weight rows and walks K in
-// steps of 128 input channels. How a call is cut into blocks is the caller's choice (the Python
+// Each warp owns rows_per_warp weight rows (one of quant_gemv_rows_per_warp_choices) and walks K
+// in steps of 128 input channels. How a call is cut into blocks is the caller's choice (the Python
 // launcher's heuristic, tunable without a rebuild); it sizes the workspace (splits * M * N
 // floats) and the counters (row_tiles ints) from it.
 struct QuantGemvPlan {
+  int rows_per_warp = 0;         // 16-row tiles a warp owns x 16 (quant_gemv_rows_per_warp_choices)
   int warps_n = 1;               // of a block's 8 warps, how many sit side by side along N (1, 2, 4, 8);
                                  // the others split the block's K range
   int64_t row_tiles = 0;         // blocks along N: ceil(N / (rows_per_warp * warps_n))
@@ -82,7 +83,17 @@ struct QuantGemvPlan {
 };
 
 constexpr int kQuantGemvStepK = 128;
-inline int quant_gemv_rows_per_warp(int64_t m, bool int4) { return (m <= 8 ? 64 : 32) / (int4 ? 1 : 2); }
+// Rows per warp the kernel is built for: the first is the most a warp's registers hold (int4
+// 64 x 8 tokens or 32 x 16, 8-bit weights, twice the bytes per row, 32 x 8 or 16 x 16); up to 8
+// tokens a warp may also own half as many, so that a weight of few rows still spreads over the
+// SMs without splitting K.
+struct QuantGemvRowChoices {
+  int most, fewer;  // fewer == most: no second choice
+};
+inline QuantGemvRowChoices quant_gemv_rows_per_warp_choices(int64_t m, bool int4) {
+  const int most = (m <= 8 ? 64 : 32) / (int4 ? 1 : 2);
+  return {most, m <= 8 ? most / 2 : most};
+}
 
 Status quant_gemv(const QuantGemvParams& p, const QuantGemvPlan& plan, cudaStream_t stream);
 

@@ -15,7 +15,7 @@ void quant_gemv_py(uintptr_t x, int64_t x_stride, uintptr_t w, int64_t w_stride,
                    uintptr_t out, int64_t out_stride, uintptr_t workspace, uintptr_t counters, int64_t m,
                    int64_t n, int64_t k, int group_size, bool int4, int dtype, int warps_n,
                    int64_t row_tiles, int splits, int64_t steps_per_split, bool prefetch, uintptr_t stream,
-                   uintptr_t x_scales, bool fp8, bool pdl, int l2_steps) {
+                   uintptr_t x_scales, bool fp8, bool pdl, int l2_steps, int rows_per_warp) {
   QuantGemvParams p;
   p.x = as_ptr<const void>(x);
   p.x_stride = x_stride;
@@ -50,6 +50,7 @@ void quant_gemv_py(uintptr_t x, int64_t x_stride, uintptr_t w, int64_t w_stride,
   plan.prefetch = prefetch;
   plan.pdl = pdl;
   plan.l2_steps = l2_steps;
+  plan.rows_per_warp = rows_per_warp;
   throw_if_error(quant_gemv(p, plan, reinterpret_cast<cudaStream_t>(stream)));
 }
 
@@ -77,7 +78,7 @@ void bind_quant_gemv(py::module_& m) {
         py::arg("counters"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("int4"),
         py::arg("dtype"), py::arg("warps_n"), py::arg("row_tiles"), py::arg("splits"),
         py::arg("steps_per_split"), py::arg("prefetch"), py::arg("stream"), py::arg("x_scales") = 0,
-        py::arg("fp8") = false, py::arg("pdl") = false, py::arg("l2_steps") = 0);
+        py::arg("fp8") = false, py::arg("pdl") = false, py::arg("l2_steps") = 0, py::arg("rows_per_warp") = 0);
   m.def("quantize_rows", &quantize_rows_py, py::arg("x"), py::arg("x_stride"), py::arg("dtype"), py::arg("xq"),
         py::arg("scales"), py::arg("m"), py::arg("k"), py::arg("fp8"), py::arg("stream"));
   m.attr("QUANT_GEMV_MAX_M") = kQuantGemvMaxM;

@@ -11,8 +11,8 @@ dependent of the quantization, so its first weight loads, and L2 prefetches of t
 steps, overlap it (``Plan.pdl``, ``Plan.l2_steps``).
 
 The block plan (how many blocks along N and along K) is chosen here, from the shapes and the SM
-count, so it can be tuned without rebuilding: a block's 8 warps each own
-``rows_per_warp(M)`` weight rows, some side by side along N (``warps_n``), the rest splitting
+count, so it can be tuned without rebuilding: a block's 8 warps each own ``Plan.rows_per_warp``
+weight rows (``rows_per_warp_choices``), some side by side along N (``warps_n``), the rest splitting
 its K range; when the row tiles alone cannot fill the GPU, K is also split across blocks, whose
 fp32 partials the last block of each row tile sums (in split order: deterministic) through a
 workspace and a per-stream counter buffer that the kernel leaves at zero (CUDA-graph safe;
@@ -37,6 +37,7 @@ WARPS = 8
 BLOCKS_PER_SM = 2  # resident blocks per SM at the kernel's register budget
 MAX_SPLITS = 32
 FULL_FRACTION = 0.75  # w8a16: of the resident slots, row tiles filling this many are not split
+ROWS_FULL_FRACTION = 0.7  # up to 8 tokens: the most rows per warp once their tiles fill this many slots
 SPLIT_COST_STEPS = 2  # w4a16: a split's partial and combine, in warp steps
 COUNTERS_MIN = 1 << 12
 _VEC = {"w4a16": 4, "w8a16": 16, "w8a8": 16, "fp8": 16}  # packed elements per 16 bytes
@@ -60,25 +61,41 @@ class Plan:
     prefetch: bool = True  # load a step's weights while the previous step computes
     pdl: bool = False  # w8a8/fp8: a programmatic dependent launch after the quantization (sm_90+)
     l2_steps: int = 0  # with pdl: 128-channel steps a warp prefetches into L2 before it waits
+    rows_per_warp: int = 0  # weight rows a warp owns: one of rows_per_warp_choices(M, int4)
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def rows_per_warp(m: int, int4: bool) -> int:
-    """Weight rows a warp owns (quant_gemv_rows_per_warp in quant_gemv.h)."""
-    return (64 if m <= 8 else 32) // (1 if int4 else 2)
+def rows_per_warp_choices(m: int, int4: bool) -> Tuple[int, int]:
+    """(most, fewer) weight rows a warp may own (quant_gemv_rows_per_warp_choices in
+    quant_gemv.h); equal above 8 tokens."""
+    most = (64 if m <= 8 else 32) // (1 if int4 else 2)
+    return most, (most // 2 if m <= 8 else most)
+
+
+def _rows_per_warp(m: int, n: int, int4: bool, slots: int) -> int:
+    # The most rows (the most independent mma chains per warp), unless their row tiles leave
+    # over 30% of the resident slots empty: then half as many, which spreads a short weight over
+    # the SMs without splitting K. H100, CUDA graphs, 1-8 tokens, us (most vs fewer): w4a16
+    # 4096x4096 8.7 vs 7.7, 6144x4096 10.3 vs 9.1, 4096x14336 17.9 vs 17.2, 14336x4096 15.3 vs
+    # 16.0; w8a16 4096x4096 11.7 vs 10.1, 6144x4096 13.1 vs 13.9, 14336x4096 24.6 vs 26.2.
+    most, fewer = rows_per_warp_choices(m, int4)
+    return most if _cdiv(n, most) >= ROWS_FULL_FRACTION * slots else fewer
 
 
 def choose_plan(m: int, n: int, k: int, int4: bool, sm_count: int, warps_n: Optional[int] = None,
                 splits: Optional[int] = None, prefetch: bool = True, pdl: bool = False,
-                l2_steps: Optional[int] = None) -> Plan:
-    """The heuristic (``warps_n``/``splits``/``prefetch``/``pdl``/``l2_steps`` force those
-    choices: tests, tuning). ``pdl`` and ``l2_steps`` only matter to w8a8 and fp8, whose plan is
-    otherwise w8a16's."""
-    per_warp = rows_per_warp(m, int4)
+                l2_steps: Optional[int] = None, rows_per_warp: Optional[int] = None) -> Plan:
+    """The heuristic (``warps_n``/``splits``/``prefetch``/``pdl``/``l2_steps``/``rows_per_warp``
+    force those choices: tests, tuning). ``pdl`` and ``l2_steps`` only matter to w8a8 and fp8,
+    whose plan is otherwise w8a16's."""
     slots = BLOCKS_PER_SM * sm_count
+    per_warp = _rows_per_warp(m, n, int4, slots) if rows_per_warp is None else rows_per_warp
+    if per_warp not in rows_per_warp_choices(m, int4):
+        raise ValueError(f"rows_per_warp must be one of {sorted(set(rows_per_warp_choices(m, int4)))} "
+                         f"for M={m}, got {per_warp}")
     if warps_n is None:
         warps_n = _warps_n(n, per_warp, int4, slots)
     row_tiles = _cdiv(n, per_warp * warps_n)
@@ -88,7 +105,7 @@ def choose_plan(m: int, n: int, k: int, int4: bool, sm_count: int, warps_n: Opti
     per_split = _cdiv(steps, max(1, min(splits, steps)))
     if l2_steps is None:
         l2_steps = L2_STEPS if pdl else 0
-    return Plan(warps_n, row_tiles, _cdiv(steps, per_split), per_split, prefetch, pdl, l2_steps)
+    return Plan(warps_n, row_tiles, _cdiv(steps, per_split), per_split, prefetch, pdl, l2_steps, per_warp)
 
 
 def _warps_n(n: int, per_warp: int, int4: bool, slots: int) -> int:
@@ -115,7 +132,7 @@ def _splits(row_tiles: int, steps: int, warps_k: int, sm_count: int, slots: int,
     # The split count (one wave of resident blocks at most, a step per warp at least) that
     # minimizes a block's busiest warp's steps plus what a split costs (the partial's round trip
     # and the combine, SPLIT_COST_STEPS); ties go to fewer splits. H100 measurements it matches
-    # (us): 4096 x 4096 at 1 token (1, 4) 8.7 vs (1, 1) 9.9, at 16 tokens (1, 1) 10.4 vs (1, 2)
+    # (us; these with 64 rows per warp up to 8 tokens): 4096 x 4096 at 1 token (1, 4) 8.7 vs (1, 1) 9.9, at 16 tokens (1, 1) 10.4 vs (1, 2)
     # 11.8; 4096 x 14336 at 1 token (1, 4) 17.6 vs (1, 2) 19.7, at 16 tokens (1, 2) 23.8 vs
     # (1, 1) 27.0; 6144 x 4096 at 1 token (1, 1) 10.3 vs (1, 2) 10.7.
     most = max(1, min(slots // row_tiles, steps // warps_k, MAX_SPLITS))
@@ -128,11 +145,11 @@ def _splits(row_tiles: int, steps: int, warps_k: int, sm_count: int, slots: int,
 
 
 _OVERRIDES: Dict[str, object] = {}
-_OVERRIDABLE = ("warps_n", "splits", "prefetch", "pdl", "l2_steps")
+_OVERRIDABLE = ("warps_n", "splits", "prefetch", "pdl", "l2_steps", "rows_per_warp")
 
 
 def set_plan_overrides(**fields) -> Dict[str, object]:
-    """Force ``warps_n``, ``splits``, ``prefetch``, ``pdl`` and/or ``l2_steps`` on every following
+    """Force ``warps_n``, ``splits``, ``prefetch``, ``pdl``, ``l2_steps`` and/or ``rows_per_warp`` on every following
     call (tests, tuning); no arguments clears them. Returns the previous overrides."""
     unknown = set(fields) - set(_OVERRIDABLE)
     if unknown:
@@ -289,5 +306,6 @@ def quant_matmul(x, packed, scales, zeros, perm, bias, scheme, layout, group_siz
         m, n, k, group_size if int4 else -1, int4, DTYPE_CODES[out.dtype],
         plan.warps_n, plan.row_tiles, plan.splits, plan.steps_per_split, plan.prefetch, current_stream(device),
         0 if x_scales is None else x_scales.data_ptr(), scheme == "fp8", plan.pdl, plan.l2_steps,
+        plan.rows_per_warp,
     )
     return out
