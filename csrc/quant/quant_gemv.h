@@ -84,15 +84,15 @@ struct QuantGemvPlan {
 
 constexpr int kQuantGemvStepK = 128;
 // Rows per warp the kernel is built for: the first is the most a warp's registers hold (int4
-// 64 x 8 tokens or 32 x 16, 8-bit weights, twice the bytes per row, 32 x 8 or 16 x 16); up to 8
-// tokens a warp may also own half as many, so that a weight of few rows still spreads over the
-// SMs without splitting K.
+// 64 x 8 tokens or 32 x 16; 8-bit weights, twice the bytes per row, 32 x 8 or 16 tokens); a
+// warp may also own half as many (int4: up to 8 tokens), so that a weight of few rows still
+// spreads over the SMs without splitting K.
 struct QuantGemvRowChoices {
   int most, fewer;  // fewer == most: no second choice
 };
 inline QuantGemvRowChoices quant_gemv_rows_per_warp_choices(int64_t m, bool int4) {
-  const int most = (m <= 8 ? 64 : 32) / (int4 ? 1 : 2);
-  return {most, m <= 8 ? most / 2 : most};
+  if (!int4) return {32, 16};
+  return {m <= 8 ? 64 : 32, 32};
 }
 
 Status quant_gemv(const QuantGemvParams& p, const QuantGemvPlan& plan, cudaStream_t stream);

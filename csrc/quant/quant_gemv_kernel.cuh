@@ -661,21 +661,31 @@ Status launch_prequant(const QuantGemvParams& p, const QuantGemvPlan& plan, cuda
 // For quant_gemv_w8a8.cu and quant_gemv_fp8.cu (O: the output's dtype).
 template <typename O, Prequant kPre>
 Status launch_prequant_typed(const QuantGemvParams& p, const QuantGemvPlan& plan, cudaStream_t stream) {
-  // The int8 tiles (see dispatch_tokens): 32 or 16 rows x 8 tokens, or 16 x 16.
-  if (p.m <= 8 && plan.rows_per_warp == 32) return launch_prequant<O, kPre, 2, 1>(p, plan, stream);
-  if (p.m <= 8) return launch_prequant<O, kPre, 1, 1>(p, plan, stream);
+  // The int8 tiles (see dispatch_tokens): 32 or 16 rows x 8 or 16 tokens.
+  if (p.m <= 8) {
+    if (plan.rows_per_warp == 32) return launch_prequant<O, kPre, 2, 1>(p, plan, stream);
+    return launch_prequant<O, kPre, 1, 1>(p, plan, stream);
+  }
+  if (plan.rows_per_warp == 32) return launch_prequant<O, kPre, 2, 2>(p, plan, stream);
   return launch_prequant<O, kPre, 1, 2>(p, plan, stream);
 }
 
 template <typename T, bool kInt4, ScaleMode kMode, typename S, bool kZeros>
 Status dispatch_tokens(const QuantGemvParams& p, const QuantGemvPlan& plan, int group_shift, cudaStream_t stream) {
   // Rows x tokens per warp (quant_gemv_rows_per_warp_choices): int4 64 or 32 x 8, 32 x 16; int8
-  // (twice the bytes per row) 32 or 16 x 8, 16 x 16.
-  constexpr int kTiles = kInt4 ? 4 : 2;
-  if (p.m <= 8 && plan.rows_per_warp == 16 * kTiles)
-    return launch<T, kInt4, kTiles, 1, kMode, S, kZeros>(p, plan, group_shift, stream);
-  if (p.m <= 8) return launch<T, kInt4, kTiles / 2, 1, kMode, S, kZeros>(p, plan, group_shift, stream);
-  return launch<T, kInt4, kTiles / 2, 2, kMode, S, kZeros>(p, plan, group_shift, stream);
+  // (twice the bytes per row) 32 or 16 x 8 or 16.
+  const int tiles = plan.rows_per_warp / 16;
+  if (kInt4) {
+    if (p.m > 8) return launch<T, kInt4, 2, 2, kMode, S, kZeros>(p, plan, group_shift, stream);
+    if (tiles == 4) return launch<T, kInt4, 4, 1, kMode, S, kZeros>(p, plan, group_shift, stream);
+    return launch<T, kInt4, 2, 1, kMode, S, kZeros>(p, plan, group_shift, stream);
+  }
+  if (p.m <= 8) {
+    if (tiles == 2) return launch<T, kInt4, 2, 1, kMode, S, kZeros>(p, plan, group_shift, stream);
+    return launch<T, kInt4, 1, 1, kMode, S, kZeros>(p, plan, group_shift, stream);
+  }
+  if (tiles == 2) return launch<T, kInt4, 2, 2, kMode, S, kZeros>(p, plan, group_shift, stream);
+  return launch<T, kInt4, 1, 2, kMode, S, kZeros>(p, plan, group_shift, stream);
 }
 
 template <typename T, ScaleMode kMode, typename S>

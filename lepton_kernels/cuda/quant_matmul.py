@@ -70,17 +70,20 @@ def _cdiv(a: int, b: int) -> int:
 
 def rows_per_warp_choices(m: int, int4: bool) -> Tuple[int, int]:
     """(most, fewer) weight rows a warp may own (quant_gemv_rows_per_warp_choices in
-    quant_gemv.h); equal above 8 tokens."""
-    most = (64 if m <= 8 else 32) // (1 if int4 else 2)
-    return most, (most // 2 if m <= 8 else most)
+    quant_gemv.h); equal for int4 above 8 tokens."""
+    if not int4:
+        return 32, 16
+    return (64 if m <= 8 else 32), 32
 
 
 def _rows_per_warp(m: int, n: int, int4: bool, slots: int) -> int:
     # The most rows (the most independent mma chains per warp), unless their row tiles leave
     # over 30% of the resident slots empty: then half as many, which spreads a short weight over
-    # the SMs without splitting K. H100, CUDA graphs, 1-8 tokens, us (most vs fewer): w4a16
+    # the SMs without splitting K. H100, CUDA graphs, us (most vs fewer), one token: w4a16
     # 4096x4096 8.7 vs 7.7, 6144x4096 10.3 vs 9.1, 4096x14336 17.9 vs 17.2, 14336x4096 15.3 vs
-    # 16.0; w8a16 4096x4096 11.7 vs 10.1, 6144x4096 13.1 vs 13.9, 14336x4096 24.6 vs 26.2.
+    # 16.0; w8a16 4096x4096 11.7 vs 10.1, 6144x4096 13.1 vs 13.9, 14336x4096 24.6 vs 26.2; 16
+    # tokens, w8a16 (fp8): 14336x4096 28.6 (30.8) vs 32.3 (32.5), 6144x4096 16.7 (17.0) vs 18.0
+    # (18.8).
     most, fewer = rows_per_warp_choices(m, int4)
     return most if _cdiv(n, most) >= ROWS_FULL_FRACTION * slots else fewer
 
