@@ -12,8 +12,8 @@ steps, overlap it (``Plan.pdl``, ``Plan.l2_steps``).
 
 The block plan (how many blocks along N and along K) is chosen here, from the shapes and the SM
 count, so it can be tuned without rebuilding: a block's 8 warps each own ``Plan.rows_per_warp``
-weight rows (``rows_per_warp_choices``), some side by side along N (``warps_n``), the rest splitting
-its K range; when the row tiles alone cannot fill the GPU, K is also split across blocks, whose
+weight rows (``rows_per_warp_choices``), some side by side along N (``warps_n``), the rest
+splitting its K range; when the row tiles alone cannot fill the GPU, K is also split across blocks, whose
 fp32 partials the last block of each row tile sums (in split order: deterministic) through a
 workspace and a per-stream counter buffer that the kernel leaves at zero (CUDA-graph safe;
 concurrent calls must be on different streams, and a graph uses the counters of the stream
@@ -37,7 +37,7 @@ WARPS = 8
 BLOCKS_PER_SM = 2  # resident blocks per SM at the kernel's register budget
 MAX_SPLITS = 32
 FULL_FRACTION = 0.75  # w8a16: of the resident slots, row tiles filling this many are not split
-ROWS_FULL_FRACTION = 0.7  # up to 8 tokens: the most rows per warp once their tiles fill this many slots
+ROWS_FULL_FRACTION = 0.7  # the most rows per warp once their row tiles fill this many slots
 SPLIT_COST_STEPS = 2  # w4a16: a split's partial and combine, in warp steps
 COUNTERS_MIN = 1 << 12
 _VEC = {"w4a16": 4, "w8a16": 16, "w8a8": 16, "fp8": 16}  # packed elements per 16 bytes
@@ -135,9 +135,10 @@ def _splits(row_tiles: int, steps: int, warps_k: int, sm_count: int, slots: int,
     # The split count (one wave of resident blocks at most, a step per warp at least) that
     # minimizes a block's busiest warp's steps plus what a split costs (the partial's round trip
     # and the combine, SPLIT_COST_STEPS); ties go to fewer splits. H100 measurements it matches
-    # (us; these with 64 rows per warp up to 8 tokens): 4096 x 4096 at 1 token (1, 4) 8.7 vs (1, 1) 9.9, at 16 tokens (1, 1) 10.4 vs (1, 2)
-    # 11.8; 4096 x 14336 at 1 token (1, 4) 17.6 vs (1, 2) 19.7, at 16 tokens (1, 2) 23.8 vs
-    # (1, 1) 27.0; 6144 x 4096 at 1 token (1, 1) 10.3 vs (1, 2) 10.7.
+    # (us; 64 rows per warp up to 8 tokens): 4096 x 4096 at 1 token (1, 4) 8.7 vs (1, 1) 9.9,
+    # at 16 tokens (1, 1) 10.4 vs (1, 2) 11.8; 4096 x 14336 at 1 token (1, 4) 17.6 vs (1, 2)
+    # 19.7, at 16 tokens (1, 2) 23.8 vs (1, 1) 27.0; 6144 x 4096 at 1 token (1, 1) 10.3 vs
+    # (1, 2) 10.7.
     most = max(1, min(slots // row_tiles, steps // warps_k, MAX_SPLITS))
     best, best_cost = 1, None
     for s in range(1, most + 1):
@@ -152,8 +153,9 @@ _OVERRIDABLE = ("warps_n", "splits", "prefetch", "pdl", "l2_steps", "rows_per_wa
 
 
 def set_plan_overrides(**fields) -> Dict[str, object]:
-    """Force ``warps_n``, ``splits``, ``prefetch``, ``pdl``, ``l2_steps`` and/or ``rows_per_warp`` on every following
-    call (tests, tuning); no arguments clears them. Returns the previous overrides."""
+    """Force ``warps_n``, ``splits``, ``prefetch``, ``pdl``, ``l2_steps`` and/or ``rows_per_warp``
+    on every following call (tests, tuning); no arguments clears them. Returns the previous
+    overrides."""
     unknown = set(fields) - set(_OVERRIDABLE)
     if unknown:
         raise ValueError(f"unknown plan fields {sorted(unknown)} (known: {', '.join(_OVERRIDABLE)})")
